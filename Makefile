@@ -1,0 +1,42 @@
+# mobile-sd: the entry points users know. `make setup` then `make test`.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+OUT     ?= artifacts
+SPEC    ?= snapfusion
+export PYTHONWARNINGS ?= ignore
+
+.PHONY: setup test test-slow export-ios export-android parity bench benchmarks clean
+
+# torch first, pinned: `pip install torch==2.13.0` takes the CPU build on this machine's disk
+# (a bare `torch` requirement could pull a multi-GB CUDA build). clip-anytorch only ships the
+# CLIP BPE vocabulary file; --no-deps because it would drag in torchvision, which cannot import
+# beside this torch. We never import it.
+setup:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install torch==2.13.0
+	$(BIN)/pip install -e '.[dev]'
+	$(BIN)/pip install --no-deps clip-anytorch==2.6.0
+
+test:
+	$(BIN)/python -m pytest -q
+
+test-slow:
+	$(BIN)/python -m pytest -q --runslow
+
+export-ios:
+	$(BIN)/mobile-sd export --recipe export_recipes/ios-snapfusion-fast.yaml --spec $(SPEC) --out $(OUT)/ios --force
+
+export-android:
+	$(BIN)/mobile-sd export --recipe export_recipes/android-snapfusion-xnnpack-fp32.yaml --spec $(SPEC) --out $(OUT)/android --force
+
+parity:
+	$(BIN)/mobile-sd parity $(OUT)/android --spec $(SPEC)
+	$(BIN)/mobile-sd parity $(OUT)/ios --spec $(SPEC)
+
+bench:
+	$(BIN)/mobile-sd bench $(OUT)/android --target host
+
+clean:
+	rm -rf $(OUT) .pytest_cache

@@ -1,0 +1,1 @@
+"""Model zoo: architecture specs, component modules, folder I/O."""

@@ -1,0 +1,61 @@
+"""Facts about the machine and tool versions, recorded in every manifest and benchmark."""
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import resource
+import subprocess
+from pathlib import Path
+
+TOOLS = ("mobile-sd", "torch", "executorch", "coremltools", "diffusers", "transformers",
+         "numpy", "onnx", "onnxruntime", "onnxscript", "onnxsim", "torchao", "safetensors")
+
+
+def tool_versions() -> dict[str, str | None]:
+    """Installed versions of the packages that shape an export (None when not installed)."""
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in TOOLS:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def machine_info() -> dict[str, object]:
+    """CPU model, core count, memory and OS of this machine."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gb = None
+    try:
+        mem_gb = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        pass
+    return {"system": platform.system(), "release": platform.release(),
+            "machine": platform.machine(), "cpu": cpu, "cores": os.cpu_count(),
+            "memory_gb": mem_gb}
+
+
+def git_sha(repo: str | os.PathLike | None = None) -> str | None:
+    """Current git commit of the repository holding ``repo`` (or this package), if any."""
+    where = Path(repo) if repo else Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD"], check=True,
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, in MiB (Linux/macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports KiB, macOS bytes.
+    return peak / 2**20 if platform.system() == "Darwin" else peak / 1024
