@@ -116,7 +116,22 @@ def _extra_commands():
     return registers
 
 
+def _quiet_third_party_logs() -> None:
+    """torchao (pulled in by transformers/executorch) logs missing CUDA kernels and torch logs
+    pytree deprecations on every import; they say nothing about the user's job."""
+    import logging
+    import warnings
+
+    for name in ("torchao", "torch.utils._pytree", "transformers.quantizers",
+                 "coremltools", "torch._export", "torch.export", "diffusers.quantizers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*torch version.*has not been tested.*")
+
+
 def main(argv: list[str] | None = None) -> int:
+    _quiet_third_party_logs()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

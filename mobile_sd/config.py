@@ -15,6 +15,7 @@ Point(x=1, y=0)
 """
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import types
 import typing
@@ -97,7 +98,7 @@ def _convert(tp: Any, value: Any, where: str, error: type[SpecError]) -> Any:
                          for i, (a, v) in enumerate(zip(args, value)))
         item = args[0] if args else Any
         return tuple(_convert(item, v, f"{where}[{i}]", error) for i, v in enumerate(value))
-    if origin is dict:
+    if origin in (dict, collections.abc.Mapping):
         if not isinstance(value, dict):
             raise error(f"{where}: expected a mapping, got {type(value).__name__}")
         key_t, val_t = get_args(tp) or (Any, Any)

@@ -32,7 +32,8 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from mobile_sd.errors import BackendUnavailableError, InvalidArgumentError, ModelFolderError, OutputDirError
+from mobile_sd.errors import (BackendUnavailableError, InvalidArgumentError, ModelFolderError,
+                              OutputDirError)
 
 if TYPE_CHECKING:  # heavy imports stay out of module import
     import torch
@@ -169,7 +170,7 @@ def _write_text(path: Path, text: str) -> None:
     """Write ``path`` via a temp sibling + rename, so a crash never leaves a truncated file."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(text, encoding="utf-8")
+        tmp.write_bytes(text.encode("utf-8"))  # bytes: same file on every OS (no \r\n)
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
