@@ -62,12 +62,15 @@ def _fmt(value) -> str:
 
 
 def time_call(fn: Callable[[], object], warmup: int = 1, iters: int = 3) -> dict:
-    """Median/min seconds of ``fn`` over ``iters`` timed calls after ``warmup`` calls."""
+    """Median/min wall seconds of ``fn`` over ``iters`` timed calls after ``warmup`` calls, and
+    the median process CPU seconds per call (robust to other jobs sharing the machine)."""
     for _ in range(warmup):
         fn()
-    times = []
+    times, cpu = [], []
     for _ in range(iters):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         fn()
         times.append(time.perf_counter() - start)
-    return {"median_s": statistics.median(times), "min_s": min(times), "iters": iters}
+        cpu.append(time.process_time() - cpu_start)
+    return {"median_s": statistics.median(times), "min_s": min(times),
+            "cpu_median_s": statistics.median(cpu), "iters": iters}

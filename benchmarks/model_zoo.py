@@ -66,6 +66,8 @@ def worker(spec_name: str, component: str, iters: int) -> dict:
     return {"spec": spec_name, "component": component, "params_m": params / 1e6,
             "gmacs": gmacs, "eager_fp32_ms": timing["median_s"] * 1e3,
             "eager_fp32_min_ms": timing["min_s"] * 1e3, "iters": iters,
+            "eager_fp32_cpu_ms": timing["cpu_median_s"] * 1e3,
+            "load_avg_1min": __import__("os").getloadavg()[0],
             "threads": torch.get_num_threads(), "peak_rss_mb": peak_rss_mb(),
             "paper": PAPER.get((spec_name, component), "")}
 
@@ -128,8 +130,10 @@ def main() -> None:
     notes = ["Total params: " + ", ".join(f"{k} {v:,.1f}M" for k, v in totals.items()) + ".",
              "GMACs are counted by torch.utils.flop_counter (matmul, conv, attention) for one "
              "forward at batch 1 (UNet: 64x64 latent, 77 tokens; decoder: 64x64 -> 512x512).",
-             "Latency: eager PyTorch fp32 on this CPU, median of the timed iterations after one "
-             "warm-up; the UNet runs twice per step with classifier-free guidance.",
+             "Latency: eager PyTorch fp32 on this CPU (2 threads), median wall time of the timed "
+             "iterations after one warm-up, with the process CPU time per forward and the 1-min "
+             "load average during the run (a load above 2 means other jobs shared the 2 cores "
+             "and the wall time is inflated). The UNet runs twice per step with CFG.",
              "Random weights (no pretrained weights can be downloaded here); latency and "
              "MACs do not depend on weight values.",
              "SnapFusion paper: 848M UNet params; this reconstruction from the paper's per-stage "
@@ -142,7 +146,8 @@ def main() -> None:
                      f"equal: {equivalence['keys_equal']}.")
     write_results("model_zoo", rows, [
         ("spec", "spec"), ("component", "component"), ("params_m", "params (M)"),
-        ("gmacs", "GMACs/forward"), ("eager_fp32_ms", "eager fp32 ms (median)"),
+        ("gmacs", "GMACs/forward"), ("eager_fp32_ms", "eager fp32 ms (median wall)"),
+        ("eager_fp32_cpu_ms", "CPU ms/forward"), ("load_avg_1min", "load avg"),
         ("peak_rss_mb", "peak RSS MB"), ("paper", "paper (iPhone 14 Pro)")],
         "Model zoo: full-size components on this machine", notes,
         extra={"sd15_equivalence": equivalence})

@@ -54,7 +54,7 @@ def to_dict(obj: Any) -> Any:
         return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
-    if isinstance(obj, dict):
+    if isinstance(obj, collections.abc.Mapping):  # dict, and the MappingProxyType of frozen configs
         return {k: to_dict(v) for k, v in obj.items()}
     return obj
 

@@ -51,6 +51,10 @@ class OutputDirError(ExportError):
     """The output directory cannot be written (permissions, disk full, exists and not --force)."""
 
 
+class ExportInterruptedError(ExportError):
+    """An export was interrupted (Ctrl-C); the output folder was left as it was before."""
+
+
 class CalibrationError(ExportError):
     """Calibration data is missing or does not match the model's inputs."""
 

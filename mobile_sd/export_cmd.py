@@ -1,9 +1,14 @@
 """``mobile-sd export``: recipe -> load -> reference run -> surgery -> export -> manifest.
 
 Every format module in ``mobile_sd.exporters`` provides
-``export_component(comp, settings, recipe, out_dir, progress) -> dict`` (the component's
-manifest entry) and optionally ``finish(model, recipe, out_dir, manifest)`` for bundle-level
-files. Everything is written into a temp folder renamed onto ``--out`` only when complete.
+``export_component(comp, settings, recipe, out_dir, reference, progress) -> dict`` (the
+component's manifest entry; ``reference`` is the recorded pipeline run) and optionally
+``finish(model, recipe, out_dir, manifest)`` for bundle-level files. Everything is written into
+a temp folder renamed onto ``--out`` only when complete.
+
+Memory: once its component is built, the model no longer holds the module, so an exporter may
+set ``comp.module = None`` after converting it to free the eager weights (GBs at full size)
+before compression.
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ from pathlib import Path
 
 from mobile_sd.components import (ExportComponent, decoder_component, text_encoder_component,
                                   unet_component)
-from mobile_sd.errors import RecipeError
+from mobile_sd.errors import ExportInterruptedError, RecipeError
 from mobile_sd.manifest import file_entry, new_manifest, write_manifest
 from mobile_sd.recipes import Recipe, ResolvedComponent, load_recipe
 from mobile_sd.utils.env import peak_rss_mb
@@ -114,6 +119,7 @@ def run_export(recipe: Recipe, model, out: Path, overwrite: bool = False) -> dic
             start = time.perf_counter()
             bar.set_postfix_str(f"{name}: surgery")
             comp = build_component(model, name, recipe, surgery_passes(recipe, settings))
+            setattr(model, name, None)  # comp holds the module now; the exporter may free it
             entry = exporter.export_component(
                 comp, settings, recipe, tmp, reference,
                 progress=lambda phase, n=name: bar.set_postfix_str(f"{n}: {phase}"))
@@ -125,7 +131,6 @@ def run_export(recipe: Recipe, model, out: Path, overwrite: bool = False) -> dic
                          parity_budget={"min_psnr_db": settings.min_psnr_db})
             entry.setdefault("files", [])
             manifest["components"][name] = entry
-            setattr(model, name, None)  # free each component once exported
             del comp
             gc.collect()
             bar.update()
@@ -143,7 +148,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe)
     if args.latent_size is not None:
-        recipe = dataclasses.replace(recipe, latent_size=args.latent_size)
+        try:
+            recipe = dataclasses.replace(recipe, latent_size=args.latent_size)
+        except ValueError as exc:  # Recipe.__post_init__ validation
+            raise RecipeError(f"--latent-size: {exc}") from exc
     if args.components:
         from mobile_sd.recipes import ComponentRecipe
         bad = sorted(set(args.components) - {"text_encoder", "unet", "decoder"})
@@ -155,7 +163,12 @@ def cmd_export(args: argparse.Namespace) -> int:
         recipe = dataclasses.replace(recipe, components=comps)
     start = time.perf_counter()
     model = load_model_arg(args)
-    manifest = run_export(recipe, model, args.out, overwrite=args.force)
+    try:
+        manifest = run_export(recipe, model, args.out, overwrite=args.force)
+    except KeyboardInterrupt:
+        # atomic_output_dir already removed the temp folder; say so with exit code 2.
+        raise ExportInterruptedError(f"export interrupted; nothing was written: {args.out} is "
+                                     "as it was before. Run the command again") from None
     for name, comp in manifest["components"].items():
         size = sum(f["bytes"] for f in comp["files"]) / 2**20
         print(f"{name:13s} {size:9.1f} MB  {', '.join(f['path'] for f in comp['files'])}")

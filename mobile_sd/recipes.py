@@ -151,14 +151,21 @@ def _conflicts(r: Recipe):
     if r.interface == "swift" and (r.format != "coreml" or r.cfg != "batch2"):
         yield ("interface 'swift' (Apple's StableDiffusion Swift package) needs format 'coreml' "
                "and cfg 'batch2': the Swift pipeline runs guidance itself")
-    if r.format == "coreml" and r.target not in ("iOS17", "iOS18"):
+    apple = r.backend == "coreml"
+    if apple and r.target not in ("iOS17", "iOS18"):
         yield f"target {r.target!r} is not a Core ML target; use 'iOS17' or 'iOS18'"
+    if not apple and r.target in ("iOS17", "iOS18"):
+        yield (f"target {r.target!r} needs backend 'coreml'; backend {r.backend!r} targets "
+               "'android' or 'host'")
     if r.format != "coreml" and (r.compression is not None or r.mixed_bit is not None
                                  or any(c.compression is not None for c in r.components.values())):
         yield ("compression (palettization / Core ML weight quantization) applies to format "
                "'coreml'; for ExecuTorch/ONNX use 'precision' (int8, int8_dynamic, int4_weight)")
     if r.unet_chunk_max_bytes is not None and r.format != "coreml":
         yield "unet_chunk_max_bytes (UNet chunking) applies to format 'coreml' only"
+    if r.unet_chunk_max_bytes is not None and r.unet_chunk_max_bytes <= 0:
+        yield (f"unet_chunk_max_bytes must be a positive number of bytes (e.g. 1000000000 for "
+               f"the iPhone's ~1 GB per model), got {r.unet_chunk_max_bytes}")
     if r.weights == "separate" and r.format != "executorch":
         yield "weights: separate (.ptd file) applies to format 'executorch' only"
     if r.latent_size % 8 or r.latent_size <= 0:
@@ -183,10 +190,13 @@ def _check_compression(recipe: Recipe, where: str) -> Recipe:
     """Parse the Core ML compression sections into typed configs (validated for the target)."""
     if recipe.format != "coreml":
         return recipe
-    from mobile_sd.compress.recipe import parse_compression
+    from mobile_sd.compress.recipe import check_mixed_bit, parse_compression
 
     top = parse_compression(recipe.compression, recipe.target, f"{where}: compression")
     comps = {name: dataclasses.replace(c, compression=parse_compression(
                  c.compression, recipe.target, f"{where}: components.{name}.compression"))
              if c.compression is not None else c for name, c in recipe.components.items()}
-    return dataclasses.replace(recipe, compression=top, components=MappingProxyType(comps))
+    recipe = dataclasses.replace(recipe, compression=top, components=MappingProxyType(comps))
+    check_mixed_bit(recipe.mixed_bit, recipe.component("unet").compression, recipe.target,
+                    f"{where}: mixed_bit")
+    return recipe

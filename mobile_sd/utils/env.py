@@ -55,7 +55,17 @@ def git_sha(repo: str | os.PathLike | None = None) -> str | None:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, in MiB (Linux/macOS)."""
+    """Peak resident set size of this process so far, in MiB (Linux/macOS).
+
+    On Linux this reads VmHWM: ``ru_maxrss`` survives ``exec``, so a child process would
+    report its parent's peak when that was higher.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # Linux reports KiB, macOS bytes.
     return peak / 2**20 if platform.system() == "Darwin" else peak / 1024

@@ -1,0 +1,1 @@
+"""Compression: quantization and palettization of components before export."""

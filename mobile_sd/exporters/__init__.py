@@ -1,0 +1,1 @@
+"""Exporters: turn mobile-sd components into deployable artifacts, and check what they wrote."""

@@ -1,0 +1,25 @@
+"""Numerical parity of exports: each artifact on the runtime available here against eager
+PyTorch (per component, two tiers), the whole pipeline end to end, and a divergence locator.
+
+>>> from mobile_sd.parity import ParityOptions, run_parity          # doctest: +SKIP
+>>> report = run_parity("artifacts/android", build_model("snapfusion"),
+...                     ParityOptions(prompts=["a cat"]))            # doctest: +SKIP
+>>> report["summary"]                                                # doctest: +SKIP
+{'status': 'pass', 'passed': 4, 'failed': 0, 'skipped': 0}
+
+Command line: ``mobile-sd parity ARTIFACT_DIR [--model DIR | --spec NAME]`` (see
+:mod:`mobile_sd.parity.cmd`). Modules: :mod:`.metrics` (the one implementation of PSNR, SQNR,
+cosine, abs errors, SSIM), :mod:`.runtimes` (load/run/check artifacts), :mod:`.eager` (the
+references), :mod:`.check` (tiers), :mod:`.e2e`, :mod:`.locate`, :mod:`.report`, :mod:`.run`.
+Heavy libraries are imported inside the functions that use them.
+"""
+__all__ = ["ParityOptions", "run_parity", "default_out_dir"]
+
+
+def __getattr__(name: str):
+    # Lazy: the CLI imports mobile_sd.parity.cmd to build its parser; that must stay cheap.
+    if name in __all__:
+        from mobile_sd.parity import run
+
+        return getattr(run, name)
+    raise AttributeError(f"module 'mobile_sd.parity' has no attribute {name!r}")

@@ -1,0 +1,139 @@
+"""The PyTorch side of a parity run, rebuilt from what ``manifest.json`` records.
+
+For each exported component two eager references exist:
+
+* the **original**: the fp32 module with only the passes that change its I/O contract
+  (``cfg_fold``), i.e. what the user trained, called the way the artifact is called;
+* the **lowering reference**: the module with the export's whole surgery list and the same
+  compression the export applied (fp16: ``.half()``), i.e. what the runtime should compute.
+  For compressions that have no eager equivalent here (int8 PT2E, Core ML palettization) it is
+  ``None`` with the reason.
+
+Surgery rewrites modules in place, so every reference is built from a deep copy.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Sequence
+
+import torch
+
+from mobile_sd.components import ExportComponent
+from mobile_sd.errors import ParityError
+
+# Recipe fields that shape a component's I/O; the rest (compression...) is not needed here.
+_RECIPE_KEYS = ("name", "format", "backend", "target", "precision", "interface", "latent_size",
+                "cfg", "attention")
+
+
+def manifest_recipe(manifest: dict):
+    """The export's recipe, as far as the I/O contract goes (validated like a recipe file)."""
+    from mobile_sd.config import from_dict
+    from mobile_sd.recipes import Recipe
+
+    raw = manifest.get("recipe")
+    if not isinstance(raw, dict):
+        raise ParityError("manifest.json has no 'recipe'; re-export with this mobile-sd version")
+    data = {k: raw[k] for k in _RECIPE_KEYS if k in raw}
+    data["latent_size"] = manifest.get("pipeline", {}).get("latent_size", data.get("latent_size", 64))
+    data["calibration"] = {"guidance": manifest.get("pipeline", {}).get("guidance")}
+    try:
+        return from_dict(Recipe, data, where="manifest.json recipe", error=ParityError)
+    except ValueError as exc:
+        raise ParityError(f"manifest.json recipe is invalid: {exc}") from exc
+
+
+def component_precision(manifest: dict, name: str) -> str:
+    """The precision the export used for ``name`` (per-component override or recipe-wide)."""
+    entry = (manifest.get("components") or {}).get(name) or {}
+    raw = manifest.get("recipe", {})
+    over = (raw.get("components") or {}).get(name) or {}
+    return entry.get("precision") or over.get("precision") or raw.get("precision") or "fp32"
+
+
+def at_latent_size(model, latent_size: int):
+    """``model`` with its spec's sample size set to the export's latent size (shared modules)."""
+    from mobile_sd.models.spec import replace_unet
+
+    if model.spec.unet.sample_size == latent_size:
+        return model
+    return dataclasses.replace(model, spec=replace_unet(model.spec, sample_size=latent_size))
+
+
+def check_model_matches(model, manifest: dict) -> None:
+    """Refuse a reference model of another architecture than the one exported."""
+    exported = manifest.get("model", {}).get("spec")
+    if exported and model.spec.name != exported:
+        raise ParityError(f"the artifacts were exported from spec {exported!r} but the reference "
+                          f"model is {model.spec.name!r} ({model.source}); pass --spec {exported} "
+                          "or the --model folder they were exported from")
+
+
+def _build(model, manifest: dict, name: str, passes: Sequence[str]) -> ExportComponent:
+    from mobile_sd.export_cmd import build_component
+
+    own = dataclasses.replace(model, **{name: copy.deepcopy(getattr(model, name))})
+    comp = build_component(own, name, manifest_recipe(manifest), list(passes))
+    comp.module.eval()
+    return comp
+
+
+def original_component(model, manifest: dict, name: str) -> ExportComponent:
+    """The fp32 original with the artifact's I/O contract (only I/O-changing passes applied)."""
+    from mobile_sd.surgery import get_pass
+
+    surgery = manifest["components"][name].get("surgery", [])
+    return _build(model, manifest, name, [p for p in surgery if get_pass(p).returns_wrapper])
+
+
+def surgery_component(model, manifest: dict, name: str) -> ExportComponent:
+    """The fp32 module with the export's whole surgery list (same module names as the export)."""
+    return _build(model, manifest, name, manifest["components"][name].get("surgery", []))
+
+
+class _Half(torch.nn.Module):
+    """Runs a module in fp16 (floating inputs cast down, outputs cast back to fp32)."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = module.half()
+
+    def forward(self, *args):
+        out = self.module(*[a.half() if a.is_floating_point() else a for a in args])
+        return out.float() if isinstance(out, torch.Tensor) else type(out)(o.float() for o in out)
+
+
+def lowering_reference(comp: ExportComponent, precision: str,
+                       fmt: str) -> tuple[torch.nn.Module | None, str | None]:
+    """(module, None), or (None, reason) when no eager model carries the export's compression.
+
+    ``comp`` is the :func:`surgery_component`; fp16 wraps a copy of it.
+    """
+    if fmt == "coreml":
+        return None, ("Core ML compression / fp16 compute has no eager equivalent here "
+                      "(tier 2 vs the fp32 original still applies)")
+    if precision == "fp32":
+        return comp.module, None
+    if precision == "fp16":
+        return _Half(copy.deepcopy(comp.module)).eval(), None
+    return None, (f"precision {precision!r}: the quantized eager model (PT2E) is not kept with "
+                  "the export, so only tier 2 (vs the fp32 original) applies")
+
+
+def record_pipeline(model, manifest: dict, prompts: Sequence[str], seed: int = 0,
+                    progress: bool = False):
+    """Run the fp32 reference pipeline for ``prompts`` (every step, both CFG branches) and
+    record every component call. Returns ``(recorder, images)``: one uint8 image per prompt."""
+    from mobile_sd.pipeline.recorder import Recorder
+    from mobile_sd.pipeline.reference import generate
+
+    pipe = manifest.get("pipeline", {})
+    recorder, images = Recorder(), []
+    guidance = pipe.get("guidance", model.spec.scheduler.default_guidance)
+    for i, prompt in enumerate(prompts):
+        recorder.context = {"prompt": i, "guidance": guidance}  # read by folded-CFG from_call
+        result = generate(model, prompt, steps=pipe.get("steps"), guidance=guidance,
+                          seed=seed + i, recorder=recorder, progress=progress)
+        images.append(result.image)
+    return recorder, images

@@ -1,0 +1,148 @@
+"""``run_parity``: every component of an export folder, then end to end, into one report.
+
+Order: manifest and sha256 checks (errors stop here), open each component on its runtime
+(I/O checked against the manifest; skips recorded with their reason), record the fp32
+reference pipeline once (only if something can run), compare each component in two tiers
+(locating the divergence when one fails), run the pipeline with the artifact's components,
+write the report.
+"""
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from mobile_sd.errors import ParityError
+from mobile_sd.recipes import DEFAULT_PROMPTS
+
+
+@dataclass
+class ParityOptions:
+    """What to run. ``prompts``: real pipeline inputs and end-to-end images."""
+    prompts: Sequence[str] = DEFAULT_PROMPTS[:2]
+    seed: int = 0
+    random_inputs: int = 2
+    components: Sequence[str] | None = None   # default: every component in the manifest
+    e2e: bool = True
+    locate: bool = True
+    num_threads: int | None = None
+    progress: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def _open_all(folder: Path, manifest: dict, names, options: ParityOptions):
+    from mobile_sd.parity.runtimes import RuntimeSkip, open_component
+
+    runners, entries = {}, {}
+    for name in names:
+        comp = manifest["components"][name]
+        entries[name] = {"files": comp.get("files", []), "status": "skip",
+                         "precision": _precision(manifest, name)}
+        try:
+            runners[name] = open_component(folder, manifest, name, options.num_threads)
+            entries[name]["runtime"] = runners[name].runtime
+        except RuntimeSkip as skip:
+            entries[name]["reason"] = skip.reason
+    return runners, entries
+
+
+def _precision(manifest: dict, name: str) -> str:
+    from mobile_sd.parity.eager import component_precision
+
+    return component_precision(manifest, name)
+
+
+def _check_one(folder, manifest, name, runner, model, recorder, options) -> dict:
+    from mobile_sd.parity import eager
+    from mobile_sd.parity.check import Budget, check_component, make_samples
+    from mobile_sd.parity.locate import locate
+
+    original = eager.original_component(model, manifest, name)
+    surgery = eager.surgery_component(model, manifest, name)
+    lowering, reason = eager.lowering_reference(surgery, _precision(manifest, name),
+                                                manifest.get("format", ""))
+    samples = make_samples(original, recorder, options.random_inputs, options.seed)
+
+    def where(sample, gate):
+        return locate(folder, manifest, name, runner, surgery, sample, gate)
+    return check_component(runner, original, lowering, reason, samples,
+                           Budget.from_manifest(manifest, name),
+                           where if options.locate else None)
+
+
+def run_parity(folder: str | Path, model, options: ParityOptions | None = None,
+               out_dir: str | Path | None = None) -> dict:
+    """Check the export in ``folder`` against ``model`` (a :class:`~mobile_sd.models.zoo.Model`,
+    fp32) and write the report into ``out_dir``. Returns the report dict.
+
+    >>> report = run_parity("artifacts/android", build_model("snapfusion"))  # doctest: +SKIP
+    >>> report["summary"]["status"]                                         # doctest: +SKIP
+    'pass'
+    """
+    from mobile_sd.manifest import load_manifest, verify_files
+    from mobile_sd.parity import eager
+    from mobile_sd.parity.report import new_report, summarize, write_report
+
+    options = options or ParityOptions()
+    folder = Path(folder)
+    manifest = load_manifest(folder)
+    verify_files(folder, manifest)
+    eager.check_model_matches(model, manifest)
+    pipe = manifest.get("pipeline", {})
+    model = eager.at_latent_size(model, int(pipe.get("latent_size", model.spec.unet.sample_size)))
+    names = _select(manifest, options.components)
+    settings = {"prompts": list(options.prompts), "seed": options.seed,
+                "random_inputs": options.random_inputs, "steps": pipe.get("steps"),
+                "guidance": pipe.get("guidance"), "latent_size": pipe.get("latent_size")}
+    report = new_report(folder, manifest, model, settings)
+    runners, entries = _open_all(folder, manifest, names, options)
+    report["components"] = entries
+    recorder = images = None
+    if runners:
+        recorder, images = eager.record_pipeline(model, manifest, options.prompts, options.seed,
+                                                 options.progress)
+    for name, runner in runners.items():
+        entries[name].update(_check_one(folder, manifest, name, runner, model, recorder, options))
+        gc.collect()  # free this component's eager copies before the next one
+    out = Path(out_dir) if out_dir is not None else default_out_dir(folder)
+    report["e2e"] = _e2e(runners, entries, model, manifest, options, images, out, report)
+    summarize(report)
+    write_report(report, out)
+    return report
+
+
+def default_out_dir(folder: Path) -> Path:
+    """``<folder>.parity`` beside the export: the report never changes the artifact folder."""
+    folder = Path(folder).absolute()
+    return folder.with_name(folder.name + ".parity")
+
+
+def _select(manifest: dict, wanted) -> list[str]:
+    names = list(manifest["components"])
+    if wanted:
+        unknown = sorted(set(wanted) - set(names))
+        if unknown:
+            raise ParityError(f"--components: {unknown} not in this export; it has {names}")
+        names = [n for n in names if n in wanted]
+    return names
+
+
+def _e2e(runners, entries, model, manifest, options, images, out: Path, report) -> dict:
+    from mobile_sd.parity.check import Budget
+    from mobile_sd.parity.e2e import image_grid, run_e2e
+
+    if not options.e2e:
+        return {"status": "skip", "reason": "disabled (--no-e2e)"}
+    skipped = [n for n, e in entries.items() if e["status"] == "skip"]
+    if skipped:
+        return {"status": "skip", "reason": f"{', '.join(skipped)} cannot run on this host: "
+                f"{entries[skipped[0]].get('reason')}"}
+    if not runners:
+        return {"status": "skip", "reason": "no component selected"}
+    result = run_e2e(runners, model, manifest, options.prompts, images,
+                     Budget.from_manifest(manifest).e2e_min_psnr_db, options.seed)
+    label = f"{manifest.get('format')}/{manifest.get('backend')}"
+    grid = image_grid(images, {label: result.pop("_images")}, out / "parity_grid.png")
+    report["files"]["grid"] = str(grid)
+    return result

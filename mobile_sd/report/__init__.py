@@ -1,0 +1,1 @@
+"""Reports rendered from result data (benchmark JSON lines -> Markdown + PNG)."""

@@ -1,0 +1,129 @@
+"""Export folders of the micro spec for the parity tests, written directly with the exporter
+libraries (torch.onnx dynamo, ExecuTorch XNNPACK) and ``mobile_sd.manifest`` helpers, so the
+parity tests do not depend on the export flows. Each folder is built once per test session.
+
+``perturb=(component, parameter, delta)`` exports a module with one weight changed while the
+manifest and the reference model stay the original: the export a parity run must reject.
+"""
+from __future__ import annotations
+
+import atexit
+import copy
+import dataclasses
+import functools
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+MICRO = str(ROOT / "data" / "parity-micro.yaml")
+_TMP = Path(tempfile.mkdtemp(prefix="msd-parity-tests-"))
+atexit.register(shutil.rmtree, _TMP, True)
+BACKENDS = {"onnx": "onnxruntime", "executorch": "xnnpack", "coreml": "coreml"}
+
+
+@functools.lru_cache(maxsize=None)
+def micro_model():
+    from mobile_sd.models.zoo import build_model
+
+    return build_model(MICRO)
+
+
+def recipe_for(fmt: str, latent_size: int = 8):
+    from mobile_sd.recipes import Recipe
+
+    return Recipe(name=f"test-{fmt}", format=fmt, backend=BACKENDS[fmt],
+                  target="iOS17" if fmt == "coreml" else "host", precision="fp32",
+                  latent_size=latent_size)
+
+
+def _component(name: str, recipe, perturb):
+    from mobile_sd.export_cmd import build_component
+
+    model = micro_model()
+    own = dataclasses.replace(model, **{name: copy.deepcopy(getattr(model, name))})
+    comp = build_component(own, name, recipe, ["attention_original"])
+    if perturb and perturb[0] == name:
+        with torch.no_grad():
+            param = dict(comp.module.named_parameters())[perturb[1]]
+            param.view(-1)[0] += perturb[2]
+    comp.module.eval()
+    return comp
+
+
+def _export_onnx(comp, out: Path) -> list[Path]:
+    path = out / f"{comp.name}.onnx"
+    program = torch.onnx.export(comp.module, comp.example_inputs(), dynamo=True, verbose=False,
+                                input_names=comp.input_names, output_names=comp.output_names,
+                                opset_version=20)
+    program.save(str(path))
+    return [path]
+
+
+def _export_pte(comp, out: Path) -> list[Path]:
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    program = torch.export.export(comp.module, comp.example_inputs())
+    edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()],
+                                       generate_etrecord=True)
+    et = edge.to_executorch()
+    pte, etrecord = out / f"{comp.name}.pte", out / f"{comp.name}.etrecord"
+    pte.write_bytes(et.buffer)
+    et.get_etrecord().save(str(etrecord))
+    return [pte, etrecord]
+
+
+def _export_mlpackage(comp, out: Path) -> list[Path]:
+    import coremltools as ct
+    import numpy as np
+
+    program = torch.export.export(comp.module, comp.example_inputs()).run_decompositions({})
+    model = ct.convert(program, convert_to="mlprogram",
+                       minimum_deployment_target=ct.target.iOS17,
+                       inputs=[ct.TensorType(name=s.name, shape=s.shape, dtype=np.float32)
+                               for s in comp.inputs],
+                       outputs=[ct.TensorType(name=s.name, dtype=np.float32) for s in comp.outputs])
+    path = out / f"{comp.name}.mlpackage"
+    model.save(str(path))
+    return [path]
+
+
+_EXPORTERS = {"onnx": _export_onnx, "executorch": _export_pte, "coreml": _export_mlpackage}
+
+
+@functools.lru_cache(maxsize=None)
+def export_folder(fmt: str, components: tuple[str, ...], perturb: tuple | None = None) -> Path:
+    """A complete export folder (manifest included) of ``components`` of the micro model."""
+    from mobile_sd.manifest import file_entry, new_manifest, write_manifest
+    from mobile_sd.models.folder import scheduler_config
+
+    model, recipe = micro_model(), recipe_for(fmt)
+    out = _TMP / f"{fmt}-{'-'.join(components)}-{'perturbed' if perturb else 'ok'}"
+    out.mkdir()
+    spec = model.spec
+    pipeline = {"steps": spec.scheduler.default_steps, "guidance": spec.scheduler.default_guidance,
+                "cfg": recipe.cfg, "latent_size": recipe.latent_size,
+                "scaling_factor": spec.decoder.scaling_factor,
+                "scheduler": scheduler_config(spec.scheduler)}
+    manifest = new_manifest(recipe.to_dict(), model.source, spec.name, pipeline, fmt, recipe.backend)
+    for name in components:
+        comp = _component(name, recipe, perturb)
+        files = _EXPORTERS[fmt](comp, out)
+        manifest["components"][name] = {
+            "files": [file_entry(out, f, backend=recipe.backend) for f in files],
+            "interface": comp.interface, "surgery": list(comp.passes),
+            "inputs": [s.to_dict() for s in comp.inputs],
+            "outputs": [s.to_dict() for s in comp.outputs],
+            "parity_budget": {"min_psnr_db": recipe.component(name).min_psnr_db}}
+    write_manifest(out, manifest)
+    return out
+
+
+def copy_folder(folder: Path, name: str) -> Path:
+    """A private copy of a cached folder, for tests that break it."""
+    target = _TMP / "copies" / name
+    shutil.copytree(folder, target)
+    return target
