@@ -104,16 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extra_commands():
     """Sub-commands defined next to their implementation (export, parity, bench)."""
-    from importlib import import_module
+    from mobile_sd.bench.cmd import register as bench
+    from mobile_sd.export_cmd import register as export
+    from mobile_sd.parity.cmd import register as parity
 
-    registers = []
-    for module in ("mobile_sd.export_cmd", "mobile_sd.parity.cmd", "mobile_sd.bench.cmd"):
-        try:
-            registers.append(import_module(module).register)
-        except ModuleNotFoundError as exc:
-            if exc.name != module and not module.startswith(exc.name or "?"):
-                raise
-    return registers
+    return [export, parity, bench]
 
 
 def _quiet_third_party_logs() -> None:

@@ -13,7 +13,10 @@ before compression.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
+import signal
+import threading
 import time
 from importlib import import_module
 from pathlib import Path
@@ -164,7 +167,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     model = load_model_arg(args)
     try:
-        manifest = run_export(recipe, model, args.out, overwrite=args.force)
+        with _sigterm_as_interrupt():
+            manifest = run_export(recipe, model, args.out, overwrite=args.force)
     except KeyboardInterrupt:
         # atomic_output_dir already removed the temp folder; say so with exit code 2.
         raise ExportInterruptedError(f"export interrupted; nothing was written: {args.out} is "
@@ -177,6 +181,24 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(f"wrote {args.out} in {time.perf_counter() - start:.0f} s, peak RSS "
           f"{peak_rss_mb() / 1024:.1f} GB (model: {model.source})")
     return 0
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """Treat SIGTERM (``kill``, CI timeouts, ``make`` being stopped) like Ctrl-C while the
+    export runs, so the temp folder is removed too; the previous handler is restored after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def register(sub) -> None:

@@ -15,6 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent
@@ -22,6 +23,16 @@ MICRO = str(ROOT / "data" / "parity-micro.yaml")
 _TMP = Path(tempfile.mkdtemp(prefix="msd-parity-tests-"))
 atexit.register(shutil.rmtree, _TMP, True)
 BACKENDS = {"onnx": "onnxruntime", "executorch": "xnnpack", "coreml": "coreml"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine run ~100x faster on one thread (thread
+    contention dominates). Test modules import this fixture to use it."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
 @functools.lru_cache(maxsize=None)

@@ -35,8 +35,9 @@ def test_unknown_op_name_lists_valid_names(tmp_path, cli):
                       "  global_: {nbits: 6}\n  op_name: {p_decoder_conv_inn_weight: {nbits: 4}}\n")
     code, _, err = export(cli, tmp_path / "out", recipe=str(recipe))
     assert code == 2
-    assert "no op named 'p_decoder_conv_inn_weight'" in err
-    assert "p_decoder_conv_in_weight" in err                   # a close valid name is listed
+    assert "VAEDecoder (decoder) compression: " in err
+    assert "no weight const or op named 'p_decoder_conv_inn_weight'" in err
+    assert "p_decoder_conv_in_weight_to_fp16" in err           # a close valid name is listed
     assert leftovers(tmp_path) == ["r.yaml"]
 
 
@@ -125,3 +126,24 @@ def test_interrupted_export_keeps_the_previous_output(tmp_path, cli, monkeypatch
     code, _, err = export(cli, out, "--force")
     assert code == 2 and "export interrupted; nothing was written" in err
     assert leftovers(tmp_path) == ["out"] and leftovers(out) == ["previous.txt"]
+
+
+def test_terminated_export_cleans_up(tmp_path):
+    """SIGTERM (kill, CI timeout) mid-export: exit code 2, the temp folder removed."""
+    import signal
+    import sys
+    import time
+
+    cmd = [sys.executable, "-m", "mobile_sd.cli", "export", "--recipe", RECIPE, "--spec",
+           "snapfusion-tiny", "--latent-size", "16", "--components", "decoder",
+           "--out", str(tmp_path / "out")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".out.tmp-*")) and time.monotonic() < deadline:
+        time.sleep(0.2)                                  # wait until the export writes
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "export interrupted; nothing was written" in err
+    assert leftovers(tmp_path) == []

@@ -30,10 +30,12 @@ def test_shipped_recipes_load_with_typed_compression(name):
     assert recipe.unet_chunk_max_bytes == 10**9
 
 
-def test_fast_recipe_is_grouped_channel_on_ios18():
+def test_fast_recipe_groups_unet_channels_on_ios18():
     recipe = load_recipe(ROOT / "export_recipes" / "ios-snapfusion-fast.yaml")
     assert recipe.target == "iOS18"
-    assert recipe.component("unet").compression.global_.granularity == "per_grouped_channel"
+    unet = recipe.component("unet").compression.global_
+    assert (unet.granularity, unet.group_size) == ("per_grouped_channel", 32)
+    assert recipe.component("text_encoder").compression.global_.granularity == "per_tensor"
     assert recipe.component("decoder").compression.global_ is None   # null: left alone
 
 

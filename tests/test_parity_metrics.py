@@ -53,7 +53,8 @@ def test_worst_takes_min_db_and_max_error():
     a = {"psnr_db": 50, "sqnr_db": 45, "cosine": 0.99, "max_abs": 0.1, "mean_abs": 0.01}
     b = {"psnr_db": 40, "sqnr_db": 48, "cosine": 0.999, "max_abs": 0.3, "mean_abs": 0.001}
     w = worst([a, b])
-    assert (w["psnr_db"], w["sqnr_db"], w["cosine"], w["max_abs"], w["samples"]) == (40, 45, 0.99, 0.3, 2)
+    got = (w["psnr_db"], w["sqnr_db"], w["cosine"], w["max_abs"], w["samples"])
+    assert got == (40, 45, 0.99, 0.3, 2)
 
 
 def test_ssim_of_constant_images_matches_the_closed_form():

@@ -27,8 +27,6 @@ from typing import Iterable, Literal, Optional, Union
 from mobile_sd.errors import RecipeError
 
 VALID_NBITS = (1, 2, 3, 4, 6, 8)
-IOS18_ONLY = {"per_grouped_channel": "palettization granularity", "per_block": "quantization "
-              "granularity", "int4": "quantization dtype"}
 
 
 @dataclass(frozen=True)
@@ -57,7 +55,8 @@ class PalettizeSpec:
 
     @property
     def needs_ios18(self) -> bool:
-        return self.granularity == "per_grouped_channel"
+        # iOS16/17 LUTs (constexpr_lut_to_dense) hold 2, 4, 16, 64 or 256 entries: no 3-bit
+        return self.granularity == "per_grouped_channel" or self.nbits == 3
 
     def describe(self) -> str:
         group = f"/{self.group_size}" if self.needs_ios18 else ""
@@ -179,13 +178,22 @@ class CompressionConfig:
             return
         for where, spec in self.specs():
             if spec.needs_ios18:
-                option = next(v for v in (getattr(spec, "granularity", None),
-                                          getattr(spec, "dtype", None)) if v in IOS18_ONLY)
+                option, what, instead = _ios18_option(spec)
                 raise RecipeError(
-                    f"{where}: {IOS18_ONLY[option]} {option!r} needs "
-                    f"minimum_deployment_target iOS18, but the model targets {target}; convert "
-                    f"with minimum_deployment_target=ct.target.iOS18 or use "
-                    f"{'per_tensor' if option == 'per_grouped_channel' else 'int8 per_channel'}")
+                    f"{where}: {what} {option!r} needs minimum_deployment_target iOS18, but "
+                    f"the model targets {target}; convert with "
+                    f"minimum_deployment_target=ct.target.iOS18 or use {instead}")
+
+
+def _ios18_option(spec: Spec) -> tuple:
+    """(value, what it is, what to use instead) of the option that needs iOS18."""
+    if isinstance(spec, PalettizeSpec):
+        if spec.granularity == "per_grouped_channel":
+            return spec.granularity, "palettization granularity", "per_tensor"
+        return spec.nbits, "palettization nbits", "nbits 2 or 4"
+    if spec.dtype == "int4":
+        return spec.dtype, "quantization dtype", "int8 per_channel"
+    return spec.granularity, "quantization granularity", "int8 per_channel"
 
 
 def _spec_from_dict(data, where: str) -> Optional[Spec]:

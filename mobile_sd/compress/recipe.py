@@ -28,7 +28,7 @@ Checks here, before any conversion (RecipeError, naming the key):
 >>> parse_compression({"global_": {"nbits": 3}}, "iOS17", "compression")
 Traceback (most recent call last):
 ...
-mobile_sd.errors.RecipeError: compression.global_: 3-bit palettization needs target iOS18 (the iOS17 LUT op takes 1, 2, 4, 6 or 8 bits); use nbits 2 or 4, or target: iOS18
+mobile_sd.errors.RecipeError: compression.global_: 3-bit palettization needs target iOS18 (the iOS17 LUT op takes 1, 2, 4, 6, 8 bits); use nbits 2 or 4, or target: iOS18
 """
 from __future__ import annotations
 

@@ -3,9 +3,12 @@
 Per row: (1) cut the atoms into ``b`` *super-atoms* of equal mass under the asymptotically
 optimal point density p^(1/3) (the "compander", estimated on a quantile grid, which smooths the
 sparse tails); (2) dynamic programming over super-atoms for the optimal partition into ``k``
-contiguous segments (banded; exact when small); (3) Lloyd on the atoms from that solution.
+contiguous segments (banded; exact when small); (3) Lloyd on the atoms from that solution;
+(4) a multi-scale windowed DP at atom resolution that moves all boundaries jointly ("polish").
 Lloyd alone gets stuck on heavy tails (-0.9 dB vs optimal on Student-t data); the DP places
-the centroids globally and Lloyd refines the boundaries to atom resolution.
+the centroids globally, Lloyd and the polish refine the boundaries to atom resolution. Against
+the exact optimum (coremltools' vendored O(kn) kmeans1d, ~0.3 s per 30k atoms at k=64): equal
+in 34 of 45 measured rows, worst 0.0076 dB below (k <= 64); ~0.04 dB at k=256, heavy tails.
 
 Everything is vectorised over the rows of a block (ragged rows are padded: +inf positions,
 zero counts); an iteration of Lloyd is O(k log A) per row thanks to running sums.
@@ -25,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mobile_sd.compress.histogram import NKEYS
+from mobile_sd.compress.polish import polish
 
 _DP_BUDGET = 30_000_000  # max cells per DP (rows x super-atoms x band x k): ~40 ms
 _DP_CELLS_PER_VALUE = 4  # ... and at most ~4 per value clustered, so small tensors stay cheap
@@ -59,7 +63,8 @@ class Atoms:
         n = np.zeros((counts.shape[0], max(1, int(size.max()))))
         s = np.zeros_like(n)
         key = np.zeros(n.shape, np.int64)
-        n[rows, rank], s[rows, rank], key[rows, rank] = counts.ravel()[flat], sums.ravel()[flat], cols
+        n[rows, rank], s[rows, rank] = counts.ravel()[flat], sums.ravel()[flat]
+        key[rows, rank] = cols
         return cls.build(n, s, key, size)
 
     @classmethod
@@ -97,11 +102,15 @@ class Atoms:
 
 def solve(atoms: Atoms, k: int, max_iter: int):
     """Centroids (R, k) and atom boundaries (R, k+1) for rows with more than k atoms."""
-    edges = _super_atom_edges(atoms, min(max(8 * k, 128), 1024))
+    b = min(max(8 * k, 128), 1024)
+    if atoms.size.max() <= 1024:  # small rows: one super-atom per atom, the DP is exact
+        b = max(b, int(atoms.size.max()))
+    edges = _super_atom_edges(atoms, b)
     seg = _banded_dp(atoms, edges, k)
     bounds = np.take_along_axis(edges, seg, axis=1)
-    centroids = _segment_means(atoms, bounds)
-    return _lloyd(atoms, centroids, max_iter)
+    _, bounds = _lloyd(atoms, _segment_means(atoms, bounds), max_iter)
+    bounds = polish(atoms, bounds)
+    return _segment_means(atoms, bounds), bounds
 
 
 def solve_few(atoms: Atoms, k: int):
@@ -163,8 +172,11 @@ def _banded_dp(atoms: Atoms, edges: np.ndarray, k: int) -> np.ndarray:
     n = en[:, :, None] - en[:, start]                         # (R, B+1, band)
     s = es[:, :, None] - es[:, start]
     cost = (eq[:, :, None] - eq[:, start]) - np.where(n > 0, s * s / np.where(n > 0, n, 1), 0)
-    # float32 from here: the layer loop is memory-bound, and 1e-7 relative is plenty.
-    cost = np.where(ok[None], np.maximum(cost, 0.0), np.inf).astype(np.float32)
+    # float32 from here (the layer loop is memory-bound; 1e-7 relative is plenty), in units
+    # of each row's energy so that weights of any magnitude fit.
+    scale = 1.0 / np.maximum(eq[:, -1], np.finfo(np.float64).tiny)
+    cost = np.where(ok[None], np.maximum(cost, 0.0) * scale[:, None, None], np.inf)
+    cost = cost.astype(np.float32)
     padded = np.full((rows, band + b1), np.inf, np.float32)   # [inf]*band + d
     padded[:, band] = 0.0                                     # zero segments cover nothing
     windows = np.lib.stride_tricks.sliding_window_view(padded, band, axis=1)[:, :b1]

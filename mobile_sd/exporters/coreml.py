@@ -13,11 +13,9 @@ feeds and reads them; compute runs in the recipe's precision inside.
 
 >>> mlmodel = convert_component(comp, "iOS17", "fp16")        # doctest: +SKIP
 >>> path = save_package(mlmodel, out_dir / "Unet.mlpackage")   # doctest: +SKIP
->>> release(mlmodel)                                           # doctest: +SKIP
+>>> del mlmodel   # it holds the MIL program (every weight): drop it once saved
 
-Memory: ``ct.convert`` keeps the whole MIL program (every weight as a numpy array) on the
-returned ``MLModel``; :func:`release` drops it once the package is saved, and
-:func:`load_package` reopens a saved package with only the spec in memory.
+:func:`load_package` reopens a saved package with only the spec in memory (no runtime).
 """
 from __future__ import annotations
 
@@ -134,7 +132,7 @@ def convert_component(comp: ExportComponent, target: str, precision: str,
     except OSError as exc:  # ct.convert writes the package into the temp folder first
         import tempfile
 
-        raise _disk_error(exc, Path(tempfile.gettempdir()) / f"{comp.name}.mlpackage") from exc
+        raise disk_error(exc, Path(tempfile.gettempdir()) / f"{comp.name}.mlpackage") from exc
     except (NotImplementedError, ValueError, RuntimeError, TypeError) as exc:
         raise ExportError(f"{comp.name}: Core ML conversion failed: {exc}; see docs/coreml.md "
                           "for the supported surgery passes") from exc
@@ -156,17 +154,6 @@ def _describe(mlmodel: Any, comp: ExportComponent, target: str, precision: str) 
         "mobile_sd.surgery": ",".join(comp.passes)})
 
 
-def release(mlmodel: Any) -> None:
-    """Drop the in-memory MIL program ``ct.convert`` keeps on an ``MLModel`` (GBs of weights).
-
-    The package on disk and the spec stay usable (save, get_spec). coremltools only uses the
-    program for ExecuTorch debug handles, which Core ML exports from torch.export do not need.
-    """
-    if getattr(mlmodel, "_mil_program", None) is not None:
-        mlmodel._mil_program = None
-    gc.collect()
-
-
 def save_package(mlmodel: Any, path: Path) -> Path:
     """Save ``mlmodel`` to ``path`` (an ``.mlpackage``); disk errors become OutputDirError.
 
@@ -177,8 +164,8 @@ def save_package(mlmodel: Any, path: Path) -> Path:
         mlmodel.save(str(path))
     except BaseException as exc:
         shutil.rmtree(path, ignore_errors=True)
-        if isinstance(exc, OSError) or _is_disk_full(exc):
-            raise _disk_error(exc, path) from exc
+        if isinstance(exc, OSError):  # shutil.Error (from copytree) included
+            raise disk_error(exc, path) from exc
         raise
     return path
 
@@ -188,7 +175,8 @@ def _is_disk_full(exc: BaseException) -> bool:
     return isinstance(exc, shutil.Error) and any("No space left" in str(e) for e in exc.args)
 
 
-def _disk_error(exc: BaseException, path: Path) -> OutputDirError:
+def disk_error(exc: BaseException, path: Path) -> OutputDirError:
+    """The OutputDirError for an OSError raised while writing ``path`` (ENOSPC or other)."""
     if _is_disk_full(exc) or getattr(exc, "errno", None) == errno.ENOSPC:
         return OutputDirError(f"no space left on the device while writing {path.name} in "
                               f"{path.parent}; nothing was kept. Free disk space (the full "

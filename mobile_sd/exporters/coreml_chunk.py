@@ -80,9 +80,16 @@ def bisect_package(package: Path, out_dir: Path, max_bytes: int | None = None) -
         chunks = [_chunk(path) for path in finals]
         check_chain(original, chunks)
         _check_sizes(chunks, max_bytes)
-    except BaseException:
+    except BaseException as exc:
         for final in finals:
             shutil.rmtree(final, ignore_errors=True)
+        if isinstance(exc, OSError):  # disk full / unwritable while saving a chunk
+            from mobile_sd.exporters.coreml import disk_error
+
+            raise disk_error(exc, out_dir / CHUNK_NAMES[0]) from exc
+        if isinstance(exc, ValueError):  # bisect_model: no single-consumer op to cut at
+            raise ExportError(f"{package.name}: coremltools could not split the UNet ({exc}); "
+                              "palettize it below unet_chunk_max_bytes instead") from exc
         raise
     finally:
         shutil.rmtree(work, ignore_errors=True)

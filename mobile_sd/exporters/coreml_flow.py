@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mobile_sd.components import ExportComponent
+from mobile_sd.errors import RecipeError
 from mobile_sd.exporters.coreml import (PACKAGE_NAMES, convert_component, load_package,
-                                        release, save_package)
+                                        save_package)
 from mobile_sd.manifest import file_entry
 
 LINT_FILE = "ane_lint.md"
@@ -40,6 +41,25 @@ def export_component(comp: ExportComponent, settings, recipe, out_dir: Path, ref
     out_dir = Path(out_dir)
     entry: dict[str, Any] = {"package": PACKAGE_NAMES[comp.name], "target": recipe.target,
                              "precision": settings.precision}
+    mlmodel = _convert_and_compress(comp, settings, recipe, reference, out_dir, entry, report)
+    report("save")
+    path = save_package(mlmodel, out_dir / f"{entry['package']}.mlpackage")
+    del mlmodel  # holds the whole MIL program; the rest reads the saved package
+    gc.collect()
+    packages = _chunk_if_needed(comp, recipe, path, out_dir, entry, report)
+    report("structure check")
+    _check_packages(packages, entry.get("compression"))
+    report("ANE lint")
+    entry["ane_lint"] = _lint(packages, out_dir, settings.precision == "fp16")
+    entry["op_histogram"] = _histograms(packages)
+    entry["files"] = [file_entry(out_dir, p, role=_role(comp.name, p), **io)
+                      for p, io in packages]
+    return entry
+
+
+def _convert_and_compress(comp, settings, recipe, reference, out_dir: Path, entry: dict,
+                          report):
+    """The in-memory ``MLModel``: [mixed-bit plan], conversion, compression."""
     config, plan = settings.compression, None
     if comp.name == "unet" and recipe.mixed_bit is not None:
         from mobile_sd.exporters.coreml_mixed_bit import plan_mixed_bit
@@ -53,31 +73,17 @@ def export_component(comp: ExportComponent, settings, recipe, out_dir: Path, ref
     if plan is not None:
         from mobile_sd.exporters.coreml_mixed_bit import apply_plan
 
-        config = apply_plan(config, plan, _const_names(mlmodel))
-    if config is not None and config.specs():   # all-null configs leave every op alone
-        from mobile_sd.exporters.coreml_compress import compress_model
+        config = apply_plan(config, plan, fp16=settings.precision == "fp16")
+    if config is None or not config.specs():   # all-null configs leave every op alone
+        return mlmodel
+    from mobile_sd.exporters.coreml_compress import compress_model
 
-        report("compress")
-        mlmodel, entry["compression"] = compress_model(mlmodel, config, recipe.target)
-    report("save")
-    path = save_package(mlmodel, out_dir / f"{entry['package']}.mlpackage")
-    release(mlmodel)
-    del mlmodel
-    packages = _chunk_if_needed(comp, recipe, path, out_dir, entry, report)
-    report("structure check")
-    _check_packages(packages, entry.get("compression"))
-    report("ANE lint")
-    entry["ane_lint"] = _lint(packages, out_dir, settings.precision == "fp16")
-    entry["op_histogram"] = _histograms(packages)
-    entry["files"] = [file_entry(out_dir, p, role=_role(comp.name, p), **io)
-                      for p, io in packages]
-    return entry
-
-
-def _const_names(mlmodel) -> set[str]:
-    from mobile_sd.exporters.coreml_inspect import load_graph
-
-    return {op.outputs[0].name for op in load_graph(mlmodel).ops if op.type == "const"}
+    report("compress")
+    try:
+        mlmodel, entry["compression"] = compress_model(mlmodel, config)
+    except RecipeError as exc:  # e.g. an op_name the program does not have: say which model
+        raise RecipeError(f"{entry['package']} ({comp.name}) compression: {exc}") from None
+    return mlmodel
 
 
 def _io(comp: ExportComponent) -> dict:

@@ -1,11 +1,12 @@
 """Staged output files and a peak-RSS sampler for exports.
 
 An export writes several files beside each other (``unet.pte``, ``unet.ptd``, ``unet.bpte``,
-``unet.etrecord``) into a folder that may hold other components' files, so the whole folder
-cannot be swapped like :func:`mobile_sd.utils.files.atomic_output_dir` does. Instead every file
-is written into a hidden temp folder next to its destination and renamed into place only after
-all of them are complete, the ``.pte`` last; any exception removes the temp folder and whatever
-was already moved, so a failed export leaves nothing behind.
+``unet.etrecord``; ``unet.onnx`` + ``unet.onnx.data``) into a folder that may hold other
+components' files, so the whole folder cannot be swapped like
+:func:`mobile_sd.utils.files.atomic_output_dir` does. Instead every file is written into a
+hidden temp folder next to its destination and renamed into place only after all of them are
+complete, the main artifact last; any exception removes the temp folder and whatever was
+already moved, so a failed export leaves nothing behind.
 """
 from __future__ import annotations
 
@@ -21,10 +22,15 @@ from mobile_sd.errors import OutputDirError
 
 
 class Staging:
-    """Temp paths for final destinations; :meth:`commit` renames them into place."""
+    """Temp paths for final destinations; :meth:`commit` renames them into place.
+
+    The first key of ``destinations`` is the main artifact (``.pte``, ``.onnx``): it is moved
+    last, so its presence means every companion file is in place.
+    """
 
     def __init__(self, destinations: dict[str, Path], overwrite: bool) -> None:
         self.destinations = {key: Path(path).absolute() for key, path in destinations.items()}
+        self.main = next(iter(self.destinations))
         for path in self.destinations.values():
             _check_destination(path, overwrite)
         self.tmp_dirs: dict[Path, Path] = {}
@@ -39,9 +45,9 @@ class Staging:
         return self.tmp_dirs[final.parent] / final.name
 
     def commit(self) -> None:
-        """Move written files into place; the ``pte`` key goes last (it marks completeness)."""
+        """Move written files into place, the main artifact last."""
         keys = sorted((k for k in self.destinations if self.path(k).exists()),
-                      key=lambda k: k == "pte")
+                      key=lambda k: k == self.main)
         for key in keys:
             os.replace(self.path(key), self.destinations[key])
             self.moved.append(self.destinations[key])

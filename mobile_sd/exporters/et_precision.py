@@ -51,7 +51,8 @@ def _int4_linears(module: nn.Module) -> nn.Module:
 
 def exported_for(module: nn.Module, example_inputs: tuple, backend: str, precision: str,
                  calibration: Iterable | None, fp32_fallback: Sequence[str],
-                 input_names: Sequence[str] | None) -> tuple[torch.export.ExportedProgram, list[str]]:
+                 input_names: Sequence[str] | None,
+                 ) -> tuple[torch.export.ExportedProgram, list[str]]:
     """(program to lower, notes on what was ignored or approximated)."""
     from mobile_sd.compress import pt2e
 

@@ -102,14 +102,19 @@ def run_pte(path: str | Path, inputs: Sequence, num_threads: int | None = None,
     path = Path(path)
     set_threads(num_threads)
     data = Path(data_path) if data_path else data_file_for(path)
-    method = _load(path, data).load_method("forward")
-    outputs = list(method.execute(_as_tensors(inputs)))
+    program = _load(path, data)
+    expected = program.metadata("forward").num_inputs()
+    if len(inputs) != expected:
+        raise InvalidArgumentError(f"{path.name} takes {expected} inputs, got {len(inputs)}")
+    method = program.load_method("forward")
+    # clone: outputs must not depend on the program's memory once it is released
+    outputs = [o.clone() for o in method.execute(_as_tensors(inputs))]
     return [o.numpy() for o in outputs] if as_numpy else outputs
 
 
 def _row_name(event) -> str:
     name = re.sub(r" #\d+$", "", event.name)
-    if name == "DELEGATE_CALL":
+    if name == "DELEGATE_CALL" and event.delegate_backend_name:  # named when an ETRecord is given
         return f"DELEGATE_CALL[{event.delegate_backend_name}]"
     return name
 

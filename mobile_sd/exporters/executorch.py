@@ -21,7 +21,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
-from mobile_sd.errors import InvalidArgumentError, RecipeError
+from mobile_sd.errors import CalibrationError, InvalidArgumentError
 from mobile_sd.exporters.et_bundled import verify_bundled  # noqa: F401  (public API)
 from mobile_sd.exporters.et_runtime import etdump_op_table, run_pte  # noqa: F401  (public API)
 
@@ -68,34 +68,47 @@ def _check_inputs(module: nn.Module, example_inputs: tuple, out_path: Path, prec
         raise InvalidArgumentError("example_inputs must be a tuple of tensors")
     if out_path.suffix != ".pte":
         raise InvalidArgumentError(f"out_path must end in .pte, got {out_path}")
-    if precision == "int8" and isinstance(calibration, (list, tuple)):
+    if precision != "int8":
+        return
+    if calibration is None:
+        raise CalibrationError("precision 'int8' needs calibration: an iterable of input tuples "
+                               "shaped like example_inputs (a few dozen real samples)")
+    if isinstance(calibration, (list, tuple)):
         from mobile_sd.compress.pt2e import check_sample
         if not calibration:
-            from mobile_sd.errors import CalibrationError
             raise CalibrationError("calibration is empty: give at least one input tuple")
         for i, sample in enumerate(calibration):  # fail before minutes of export, not after
             check_sample(sample, example_inputs, i, input_names)
 
 
-def _lower(module, example_inputs, backend, precision, calibration, fp32_fallback,
-           separate_weights, tag, coreml_target, soc, input_names):
-    """(EdgeProgramManager, program before lowering or None for QNN, notes)."""
-    from executorch.exir import to_edge_transform_and_lower
-
-    from mobile_sd.exporters import et_backends, et_errors, et_precision
+def _program(module, example_inputs, backend, precision, calibration, fp32_fallback,
+             separate_weights, tag, input_names):
+    """(ExportedProgram to lower or None for QNN, which exports itself; notes)."""
+    from mobile_sd.exporters import et_precision
 
     if backend == "qnn":
-        from mobile_sd.exporters.et_qnn import lower_qnn
-        return lower_qnn(module, example_inputs, precision, calibration, soc, input_names), None, []
+        return None, []
     ep, notes = et_precision.exported_for(module, example_inputs, backend, precision,
                                          calibration, fp32_fallback, input_names)
     if separate_weights:
         ep = et_precision.tag_weights_external(ep, example_inputs, tag)
+    return ep, notes
+
+
+def _lower(ep, module, example_inputs, backend, precision, calibration, coreml_target, soc,
+           input_names):
+    """EdgeProgramManager with the backend's partitions (and an ETRecord)."""
+    from executorch.exir import to_edge_transform_and_lower
+
+    from mobile_sd.exporters import et_backends, et_errors
+
+    if backend == "qnn":
+        from mobile_sd.exporters.et_qnn import lower_qnn
+        return lower_qnn(module, example_inputs, precision, calibration, soc, input_names)
     partitioners = (et_backends.xnnpack_partitioners() if backend == "xnnpack"
                     else et_backends.coreml_partitioners(precision, coreml_target))
     try:
-        edge = to_edge_transform_and_lower(ep, partitioner=partitioners, generate_etrecord=True)
-        return edge, ep, notes
+        return to_edge_transform_and_lower(ep, partitioner=partitioners, generate_etrecord=True)
     except Exception as exc:
         raise et_errors.translate(exc, ep.graph, backend) or exc
 
@@ -164,18 +177,21 @@ def export_pte(module: nn.Module, example_inputs: tuple, out_path: str | Path, *
     start = time.perf_counter()
     with PeakRss() as rss, staged(destinations, overwrite) as stage, torch.no_grad():
         module = module.eval()
-        edge, lowered_from, notes = _lower(module, example_inputs, backend, precision, calibration,
-                             fp32_fallback, separate_weights, out_path.stem, coreml_target,
-                             qnn_soc, input_names)
+        ep, notes = _program(module, example_inputs, backend, precision, calibration,
+                             fp32_fallback, separate_weights, out_path.stem, input_names)
+        # Reference outputs come from the program about to be lowered (quantized, if so);
+        # lowering consumes its constants, so they are computed first.
+        cases = (_bundle_cases(bundled_io, ep.module() if ep is not None else module)
+                 if bundled_io else None)
+        edge = _lower(ep, module, example_inputs, backend, precision, calibration,
+                      coreml_target, qnn_soc, input_names)
         delegation = delegation_summary(edge.exported_program().graph_module)
         program = _to_executorch(edge, separate_weights, out_path.stem,
                                  edge.exported_program().graph, backend)
         program.save(str(stage.path("pte")))
         if separate_weights:
             program.write_tensor_data_to_file(str(stage.path("ptd").parent))
-        if bundled_io:
-            reference = lowered_from.module() if lowered_from is not None else module
-            cases = _bundle_cases(bundled_io, reference)
+        if cases:
             stage.path("bpte").write_bytes(bundled_bytes(program, cases))
         if etrecord_path:
             program.get_etrecord().save(str(stage.path("etrecord")))

@@ -10,7 +10,8 @@ PyTorch (per component, two tiers), the whole pipeline end to end, and a diverge
 Command line: ``mobile-sd parity ARTIFACT_DIR [--model DIR | --spec NAME]`` (see
 :mod:`mobile_sd.parity.cmd`). Modules: :mod:`.metrics` (the one implementation of PSNR, SQNR,
 cosine, abs errors, SSIM), :mod:`.runtimes` (load/run/check artifacts), :mod:`.eager` (the
-references), :mod:`.check` (tiers), :mod:`.e2e`, :mod:`.locate`, :mod:`.report`, :mod:`.run`.
+references), :mod:`.check` (tiers), :mod:`.e2e`, :mod:`.locate` (+ ``locate_onnx``,
+``locate_et``, ``locate_et_taps``), :mod:`.report`, :mod:`.run`.
 Heavy libraries are imported inside the functions that use them.
 """
 __all__ = ["ParityOptions", "run_parity", "default_out_dir"]

@@ -71,7 +71,8 @@ def register(sub) -> None:
                    help="check only these components (others run eagerly end to end)")
     p.add_argument("--out", type=Path, default=None,
                    help="report folder (default: ARTIFACT_DIR.parity beside the export)")
-    p.add_argument("--threads", type=int, default=None, help="runtime threads")
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads for the runtimes and eager PyTorch")
     p.add_argument("--no-e2e", action="store_true", help="skip the end-to-end pipeline run")
     p.add_argument("--no-locate", action="store_true", help="do not locate divergences")
     p.add_argument("--fail-on-skip", action="store_true",

@@ -64,8 +64,8 @@ def generate_with(runners, model, manifest: dict, prompt: str, seed: int) -> np.
     from mobile_sd.pipeline.reference import run_pipeline
 
     pipe, spec = manifest.get("pipeline", {}), model.spec
-    result = run_pipeline(runners, model.tokenizer, spec.scheduler, pipe.get("latent_size", spec.unet.sample_size),
-                          prompt, "", pipe.get("steps", spec.scheduler.default_steps),
+    latent = pipe.get("latent_size", spec.unet.sample_size)
+    result = run_pipeline(runners, model.tokenizer, spec.scheduler, latent, prompt, "", pipe.get("steps", spec.scheduler.default_steps),
                           pipe.get("guidance", spec.scheduler.default_guidance), seed,
                           pipe.get("scaling_factor", spec.decoder.scaling_factor),
                           spec.decoder.latent_channels, progress=False)

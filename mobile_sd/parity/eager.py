@@ -9,7 +9,7 @@ For each exported component two eager references exist:
   For compressions that have no eager equivalent here (int8 PT2E, Core ML palettization) it is
   ``None`` with the reason.
 
-Surgery rewrites modules in place, so every reference is built from a deep copy.
+Surgery rewrites modules in place, so the lowering reference is built from a deep copy.
 """
 from __future__ import annotations
 
@@ -70,10 +70,12 @@ def check_model_matches(model, manifest: dict) -> None:
                           "or the --model folder they were exported from")
 
 
-def _build(model, manifest: dict, name: str, passes: Sequence[str]) -> ExportComponent:
+def _build(model, manifest: dict, name: str, passes: Sequence[str],
+           copy_module: bool) -> ExportComponent:
     from mobile_sd.export_cmd import build_component
 
-    own = dataclasses.replace(model, **{name: copy.deepcopy(getattr(model, name))})
+    module = getattr(model, name)
+    own = dataclasses.replace(model, **{name: copy.deepcopy(module) if copy_module else module})
     comp = build_component(own, name, manifest_recipe(manifest), list(passes))
     comp.module.eval()
     return comp
@@ -84,12 +86,16 @@ def original_component(model, manifest: dict, name: str) -> ExportComponent:
     from mobile_sd.surgery import get_pass
 
     surgery = manifest["components"][name].get("surgery", [])
-    return _build(model, manifest, name, [p for p in surgery if get_pass(p).returns_wrapper])
+    # Wrapper passes (cfg_fold) leave the wrapped module untouched: no copy needed, which
+    # saves a full copy of the UNet (3.4 GB at full size).
+    return _build(model, manifest, name, [p for p in surgery if get_pass(p).returns_wrapper],
+                  copy_module=False)
 
 
 def surgery_component(model, manifest: dict, name: str) -> ExportComponent:
     """The fp32 module with the export's whole surgery list (same module names as the export)."""
-    return _build(model, manifest, name, manifest["components"][name].get("surgery", []))
+    return _build(model, manifest, name, manifest["components"][name].get("surgery", []),
+                  copy_module=True)  # surgery rewrites in place
 
 
 class _Half(torch.nn.Module):

@@ -1,8 +1,7 @@
 """Divergence locator: the first module where an artifact's values depart from the reference.
 
-Reference values are the outputs of every module of the fp32 module *with the export's
-surgery* (same module names as the exported graph), captured with forward hooks in completion
-order. On the artifact side:
+Reference values are module outputs of the fp32 module *with the export's surgery* (same
+module names as the exported graph), captured with forward hooks. On the artifact side:
 
 * **ONNX** (:func:`locate_onnx`): the dynamo exporter tags every node with its module scopes
   (``pkg.torch.onnx.name_scopes`` metadata). A module's value is the last node output inside its
@@ -14,6 +13,9 @@ order. On the artifact side:
 * **ExecuTorch** (:func:`mobile_sd.parity.locate_et.locate_pte`): the program runs with an
   ETDump debug buffer, which records every delegate call's and portable kernel's outputs with
   their debug handles; the ETRecord written at export maps handles to graph nodes and modules.
+  Inside a departing delegate (a whole UNet can be one), the ETRecord's program is lowered
+  again with module outputs tapped (:mod:`mobile_sd.parity.locate_et_taps`), unless weights
+  that differ from the reference already name the module.
 
 The result names the module path and class, e.g. ``down_blocks.1.resnets.0.conv1 (Conv2d)``.
 """
@@ -40,28 +42,44 @@ def first_tensor(out) -> torch.Tensor | None:
     return None
 
 
-@torch.no_grad()
-def capture_modules(module: torch.nn.Module, inputs) -> "OrderedDict[str, tuple[torch.Tensor, str]]":
-    """``path -> (output, class name)`` for every submodule called exactly once, in the order
-    the calls finish. Modules called several times (shared activations) are left out: their
-    outputs are ambiguous, and their parents cover them."""
-    calls: dict[str, list] = {}
-    handles = []
-    for path, sub in module.named_modules():
-        if not path:
-            continue
+class EagerModules:
+    """The reference module's submodules called exactly once per forward, in the order their
+    calls finish (``calls``: path -> (class name, output shape)), and their outputs on demand.
 
-        def hook(mod, args, out, path=path):
-            tensor = first_tensor(out)
-            if tensor is not None:
-                calls.setdefault(path, []).append((tensor.detach().float().clone(), type(mod).__name__))
-        handles.append(sub.register_forward_hook(hook))
-    try:
-        module(*inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return OrderedDict((p, c[0]) for p, c in calls.items() if len(c) == 1)
+    Outputs are captured per request (one forward pass per tree level) instead of all at once:
+    every module output of a full-size UNet would take several GB. Modules called several
+    times (shared activations) are left out: their output is ambiguous and their parents
+    cover them.
+    """
+
+    def __init__(self, module: torch.nn.Module, inputs) -> None:
+        self.module, self.inputs = module, tuple(inputs)
+        seen: dict[str, list] = {}
+        self._run(None, lambda path, mod, t: seen.setdefault(path, []).append(
+            (type(mod).__name__, tuple(t.shape))))
+        self.calls = OrderedDict((p, c[0]) for p, c in seen.items() if len(c) == 1)
+
+    def values(self, paths) -> dict[str, torch.Tensor]:
+        """Outputs (fp32 copies) of the modules ``paths`` on the inputs."""
+        out: dict[str, torch.Tensor] = {}
+        self._run(set(paths), lambda path, mod, t: out.__setitem__(path, t.detach().float().clone()))
+        return out
+
+    @torch.no_grad()
+    def _run(self, only, record) -> None:
+        handles = []
+        for path, sub in self.module.named_modules():
+            if path and (only is None or path in only):
+                def hook(mod, args, output, path=path):
+                    tensor = first_tensor(output)
+                    if tensor is not None:
+                        record(path, mod, tensor)
+                handles.append(sub.register_forward_hook(hook))
+        try:
+            self.module(*self.inputs)
+        finally:
+            for handle in handles:
+                handle.remove()
 
 
 def direct_children(parent: str, paths) -> list[str]:
@@ -72,23 +90,26 @@ def direct_children(parent: str, paths) -> list[str]:
     return [p for p in below if not any(q != p and p.startswith(q + ".") for q in below)]
 
 
-def descend(reference: "OrderedDict[str, tuple[torch.Tensor, str]]", evaluate,
+def descend(calls: "OrderedDict[str, tuple[str, tuple]]", reference, evaluate,
             gate_db: float) -> dict:
     """Walk down the module tree to the first module whose value falls below ``gate_db``.
 
-    ``evaluate(paths) -> {path: array}`` gives the artifact's values of some modules (paths it
-    cannot match are left out). At each level the first child, in execution order, below the
-    gate is entered; the module reached is the one named.
+    ``calls``: module path -> (class, shape) in execution order (:class:`EagerModules`);
+    ``reference(paths)`` / ``evaluate(paths)`` -> ``{path: tensor/array}``: the eager and the
+    artifact's values of some modules (the artifact leaves out modules it cannot match). At
+    each level the first child, in execution order, below the gate is entered; the module
+    reached is the one named.
     """
-    paths = list(reference)
+    paths = list(calls)
     parent, score, trail, checked, own_ops = "", None, [], 0, False
     while True:
         kids = direct_children(parent, paths)
         if not kids:
             break
         values = evaluate(kids)
+        expected = reference([k for k in kids if k in values])
         checked += len(values)
-        scores = [(p, psnr_db(reference[p][0], values[p])) for p in kids if p in values]
+        scores = [(p, psnr_db(expected[p], values[p])) for p in kids if p in values and p in expected]
         bad = next(((p, s) for p, s in scores if s < gate_db), None)
         if bad is None:
             own_ops = bool(scores)
@@ -99,7 +120,7 @@ def descend(reference: "OrderedDict[str, tuple[torch.Tensor, str]]", evaluate,
         return {"status": "not_found", "gate_min_psnr_db": gate_db, "checked": checked,
                 "reason": "no module output falls below the gate: the error builds up across "
                           "modules instead of starting in one"}
-    return {"status": "found", "module": parent, "class": reference[parent][1],
+    return {"status": "found", "module": parent, "class": calls[parent][0],
             "psnr_db": round(score, 2), "gate_min_psnr_db": gate_db, "checked": checked,
             "trail": trail, "note": ("its submodules stay above the gate: the departure is in "
                                      "this module's own ops") if own_ops else None}
@@ -117,17 +138,17 @@ def locate(folder, manifest: dict, name: str, runner, surgery, sample, gate_db: 
                 "is not supported; compare the chunks' outputs in the report"}
     path = Path(runner.files[0].path)
     try:
-        reference = capture_modules(surgery.module, sample.inputs)
         if runner.runtime == "onnxruntime":
             from mobile_sd.parity.locate_onnx import locate_onnx
 
-            result = locate_onnx(path, runner.files[0].inputs, sample.inputs, reference, gate_db)
+            eager = EagerModules(surgery.module, sample.inputs)
+            result = locate_onnx(path, runner.files[0].inputs, sample.inputs, eager, gate_db)
             result["weights_differ"] = _weights_differ(path, surgery.module)
         elif runner.runtime == "executorch":
             from mobile_sd.parity.locate_et import locate_pte
 
             result = locate_pte(path, _etrecord_for(folder, manifest, name), sample.inputs,
-                                surgery.module, gate_db)
+                                surgery.module, gate_db, getattr(runner.files[0], "backend", ""))
         else:
             return {"status": "unavailable", "reason": f"no locator for {runner.runtime}"}
     except Exception as exc:  # noqa: BLE001 - a diagnostic must not hide the verdict

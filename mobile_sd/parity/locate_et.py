@@ -10,7 +10,8 @@ Checked on executorch 1.5.1 / XNNPACK:
 * ``Inspector.calculate_numeric_gap`` compares the runtime with the ETRecord's *own* graph and
   weights, so it cannot see an export made from the wrong weights, and it fails on delegates
   whose outputs do not line up with single nodes. So the reference values are computed here:
-  the ETRecord graph with the *reference* module's weights loaded, run node by node.
+  the ETRecord graph with the *reference* module's weights loaded, run node by node, each
+  node's output compared with the runtime's as it is computed (never all kept: GBs at full size).
 * ``devtools.intermediate_output_tap`` needs the taps inserted before lowering, i.e. a new
   export: it cannot look inside an existing artifact.
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -38,12 +40,8 @@ def _module_of(node) -> tuple[str, str]:
     return path, cls
 
 
-@torch.no_grad()
-def reference_values(etrecord, module: torch.nn.Module, inputs) -> dict[int, tuple]:
-    """``debug handle -> (tensor, node name, module path, class)`` of the ETRecord graph run
-    with ``module``'s weights (the reference), not the weights stored with the export."""
-    from torch.fx.interpreter import Interpreter
-
+def _reference_graph(etrecord, module: torch.nn.Module) -> torch.fx.GraphModule:
+    """The ETRecord's pre-partitioning graph with ``module``'s (the reference's) weights."""
     # module() shares its tensors with the ETRecord: load the reference weights into a copy.
     gm = copy.deepcopy(etrecord.edge_dialect_program.module())
     missing = set(module.state_dict()) - set(gm.state_dict())
@@ -51,17 +49,55 @@ def reference_values(etrecord, module: torch.nn.Module, inputs) -> dict[int, tup
         raise ValueError(f"the ETRecord graph lacks reference parameters such as "
                          f"{sorted(missing)[:3]}; it was not exported from this module")
     gm.load_state_dict(module.state_dict(), strict=False)
-    values: dict[int, tuple] = {}
+    return gm
 
-    class Capture(Interpreter):
+
+def debug_buffer_bytes(gm: torch.fx.GraphModule) -> int:
+    """Room for every node's output (from the graph's shape metadata), plus a margin."""
+    total = 0
+    for node in gm.graph.nodes:
+        val = node.meta.get("val")
+        for t in val if isinstance(val, (tuple, list)) else [val]:
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return int(total * 1.2) + (8 << 20)
+
+
+@torch.no_grad()
+def score_events(gm: torch.fx.GraphModule, inputs, events: list[tuple]) -> list[dict]:
+    """For each runtime event: the worst, over its outputs, PSNR of the best-matching
+    reference node among its debug handles (same shape), and the modules its nodes belong to.
+
+    Streams: each reference node's output is compared when computed and then dropped, so
+    memory stays at one forward pass (plus the runtime's recorded outputs).
+    """
+    from torch.fx.interpreter import Interpreter
+
+    by_handle: dict[int, list[int]] = {}
+    for i, (_, handles, _) in enumerate(events):
+        for handle in handles:
+            by_handle.setdefault(handle, []).append(i)
+    best = [[None] * len(outs) for _, _, outs in events]
+    modules: list[dict[str, str]] = [{} for _ in events]
+
+    class Compare(Interpreter):
         def run_node(self, node):
             out = super().run_node(node)
             handle = node.meta.get("debug_handle")
-            if node.op == "call_function" and isinstance(handle, int) and isinstance(out, torch.Tensor):
-                values[handle] = (out.detach().clone(), node.name, *_module_of(node))
+            if (node.op != "call_function" or not isinstance(out, torch.Tensor)
+                    or handle not in by_handle):
+                return out
+            path, cls = _module_of(node)
+            for i in by_handle[handle]:
+                modules[i].setdefault(path, cls)
+                for j, got in enumerate(events[i][2]):
+                    if tuple(got.shape) == tuple(out.shape):
+                        score = psnr_db(out, got.float())
+                        best[i][j] = score if best[i][j] is None else max(best[i][j], score)
             return out
-    Capture(gm).run(*inputs)
-    return values
+    Compare(gm).run(*inputs)
+    return [{"psnr_db": min((b for b in scores if b is not None), default=None),
+             "modules": {k: v for k, v in mods.items() if k}} for scores, mods in zip(best, modules)]
 
 
 def runtime_events(path: Path, etrecord_path: Path, inputs, buffer_bytes: int) -> list[tuple]:
@@ -106,17 +142,8 @@ def _common_module(paths: list[str]) -> str:
     return ".".join(common)
 
 
-def _score(outs, nodes) -> float:
-    """Worst over the event's outputs of the best-matching reference node (same shape)."""
-    worst = float("inf")
-    for out in outs:
-        matches = [psnr_db(ref, out.float()) for ref, *_ in nodes if tuple(ref.shape) == tuple(out.shape)]
-        if matches:
-            worst = min(worst, max(matches))
-    return worst
-
-
-def _name(modules: list[str], nodes, differ: list[dict], module) -> tuple[str, str]:
+def _name(modules: list[str], classes_seen: dict[str, str], differ: list[dict],
+          module) -> tuple[str, str, bool]:
     """The module to name for a departing event: a covered module whose weights differ from
     the reference if there is one (the delegate hides which op departs, the weights do not),
     else the deepest module containing all the event's nodes."""
@@ -124,42 +151,67 @@ def _name(modules: list[str], nodes, differ: list[dict], module) -> tuple[str, s
     for entry in differ:
         owner = entry["name"].rsplit(".", 1)[0]
         if owner in modules:
-            return owner, classes.get(owner, "")
+            return owner, classes.get(owner, ""), True
     where = _common_module(modules)
-    return where, classes.get(where, next((n[3] for n in nodes if n[2] == where), ""))
+    return where, classes.get(where, classes_seen.get(where, "")), False
 
 
-def locate_pte(path: Path, etrecord_path: Path | None, inputs, module, gate_db: float) -> dict:
+def locate_pte(path: Path, etrecord_path: Path | None, inputs, module, gate_db: float,
+               backend: str = "xnnpack") -> dict:
     """Locate the first delegate call / kernel of ``path`` whose outputs depart from the
-    reference ``module`` (fp32, with the export's surgery) on ``inputs``."""
+    reference ``module`` (fp32, with the export's surgery) on ``inputs``; inside a departing
+    delegate, re-lower with taps (:mod:`mobile_sd.parity.locate_et_taps`) unless the weights
+    already name the module."""
     if etrecord_path is None or not Path(etrecord_path).exists():
         return {"status": "unavailable", "reason": "the export has no ETRecord to map the "
                 "program's debug handles to modules; re-export with `etrecord: true` in the recipe"}
     from executorch.devtools.etrecord import parse_etrecord
 
-    etrecord = parse_etrecord(str(etrecord_path))
-    differ = weights_differ(etrecord, module)  # before the reference weights are loaded into it
-    reference = reference_values(etrecord, module, inputs)
-    buffer = int(sum(t.numel() * t.element_size() for t, *_ in reference.values()) * 1.2) + (8 << 20)
-    checked = 0
-    for name, handles, outs in runtime_events(Path(path), Path(etrecord_path), inputs, buffer):
-        nodes = [reference[h] for h in handles if h in reference]
-        score = _score(outs, nodes)
-        if score == float("inf"):
+    with warnings.catch_warnings():  # devtools warns once per node it cannot describe
+        warnings.simplefilter("ignore")
+        etrecord = parse_etrecord(str(etrecord_path))
+        differ = weights_differ(etrecord, module)
+        gm = _reference_graph(etrecord, module)
+        events = runtime_events(Path(path), Path(etrecord_path), inputs, debug_buffer_bytes(gm))
+        scores = score_events(gm, inputs, events)
+    del gm
+    base = {"gate_min_psnr_db": gate_db, "weights_differ": differ,
+            "method": "ETDump debug buffer + ETRecord debug handles"}
+    for checked, ((name, _, _), score) in enumerate(
+            ((e, s) for e, s in zip(events, scores) if s["psnr_db"] is not None), start=1):
+        if score["psnr_db"] >= gate_db:
             continue
-        checked += 1
-        if score < gate_db:
-            modules = list(dict.fromkeys(n[2] for n in nodes if n[2]))
-            where, cls = _name(modules, nodes, differ, module)
-            return {"status": "found", "module": where or "<top level>", "class": cls,
-                    "psnr_db": round(score, 2), "gate_min_psnr_db": gate_db, "checked": checked,
-                    "event": name, "covers": modules[:12],
-                    "weights_differ": differ, "method": "ETDump debug buffer + ETRecord debug handles",
-                    "note": ("a delegate call is the finest unit ETDump records; the departure "
-                             "is inside the modules it covers") if name == "DELEGATE_CALL" else None}
-    return {"status": "not_found", "gate_min_psnr_db": gate_db, "checked": checked,
-            "weights_differ": differ, "method": "ETDump debug buffer + ETRecord debug handles",
+        covered = score["modules"]
+        where, cls, by_weights = _name(list(covered), covered, differ, module)
+        result = {"status": "found", "module": where or "<top level>", "class": cls,
+                  "psnr_db": round(score["psnr_db"], 2), "checked": checked, "event": name,
+                  "covers": list(covered)[:12], **base}
+        if by_weights:
+            result["note"] = "named by the weights that differ among the modules it covers"
+        elif name == "DELEGATE_CALL" and len(covered) > 1:
+            result.update(_refined(etrecord, module, where, inputs, gate_db, backend))
+        return result
+    return {"status": "not_found", **base,
             "reason": "no recorded delegate/kernel output falls below the gate"}
+
+
+def _refined(etrecord, module, region: str, inputs, gate_db: float, backend: str) -> dict:
+    """Name a module inside a departing delegate (the delegate alone is too coarse)."""
+    from mobile_sd.parity.locate import EagerModules
+    from mobile_sd.parity.locate_et_taps import refine
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            inner = refine(etrecord, EagerModules(module, inputs), region, inputs, gate_db, backend)
+    except Exception as exc:  # noqa: BLE001 - keep the coarse answer, say why it stayed coarse
+        return {"note": f"the departure is inside this delegate; re-lowering with taps failed "
+                        f"({type(exc).__name__}: {exc})"}
+    if inner is None:
+        return {"note": "the departure is inside this delegate, in ops between its submodules"}
+    return {"module": inner["module"], "class": inner["class"], "psnr_db": inner["psnr_db"],
+            "delegate_region": region or "<top level>",
+            "method": "ETDump + ETRecord, then the ETRecord program re-lowered with output taps"}
 
 
 def weights_differ(etrecord, module, limit: int = 5) -> list[dict]:
@@ -169,10 +221,11 @@ def weights_differ(etrecord, module, limit: int = 5) -> list[dict]:
     found = []
     for name, tensor in state.items():
         if name in ref and ref[name].shape == tensor.shape and tensor.is_floating_point():
-            diff = float((tensor.double() - ref[name].double()).abs().max()) if tensor.numel() else 0.0
+            diff = float((tensor.detach().double() - ref[name].detach().double()).abs().max()
+                         if tensor.numel() else 0.0)
             if diff > 0:
                 found.append({"name": name, "max_abs": diff})
     return sorted(found, key=lambda d: -d["max_abs"])[:limit]
 
 
-__all__ = ["locate_pte", "reference_values", "runtime_events", "weights_differ"]
+__all__ = ["locate_pte", "score_events", "runtime_events", "weights_differ", "debug_buffer_bytes"]

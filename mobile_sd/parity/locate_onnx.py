@@ -4,7 +4,9 @@ The dynamo exporter (``torch.onnx.export(..., dynamo=True)``) writes each node's
 into its ``pkg.torch.onnx.name_scopes`` metadata, e.g.
 ``['', 'down_blocks.0', 'down_blocks.0.resnets.0', 'down_blocks.0.resnets.0.conv1', 'conv2d_1']``
 (module paths, then the node's own name). A module's value is the output of the *last* node in
-its scope whose shape equals the eager module output's shape.
+its scope whose shape equals the eager module output's shape. onnxsim drops that metadata; a
+simplified graph is then searched by parameter names instead (a node reading
+``<module>.weight``/``.bias`` belongs to that leaf module), leaves only.
 
 Weights may live in external data files: the model is loaded without them, the extra outputs
 are added, and the copy is saved in a temp folder with links to the original data files, so a
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import ast
 import os
+from collections import OrderedDict
 import tempfile
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -62,7 +65,24 @@ class OnnxValues:
         for node in graph.node:
             for scope in _node_scopes(node):
                 self.in_scope.setdefault(scope, []).extend(node.output)
+        self.scoped = bool(self.in_scope)
+        if not self.scoped:
+            self._scopes_from_parameters(graph)
         self.feed = {n: t.numpy() for n, t in zip(input_names, inputs)}
+
+    def _scopes_from_parameters(self, graph) -> None:
+        """Without scope metadata (onnxsim drops it), a node that reads ``<module>.weight`` or
+        ``<module>.bias`` belongs to that (leaf) module: only leaves can be located then."""
+        params = {init.name for init in graph.initializer}
+        readers: dict[str, int] = {}
+        for node in graph.node:
+            for name in set(node.input) & params:
+                readers[name] = readers.get(name, 0) + 1
+        for node in graph.node:
+            # A weight read by several nodes was deduplicated (equal initial values): ambiguous.
+            owners = {n.rsplit(".", 1)[0] for n in node.input if readers.get(n) == 1 and "." in n}
+            for owner in owners:
+                self.in_scope.setdefault(owner, []).extend(node.output)
 
     def match(self, module: str, shape: tuple) -> str | None:
         """The value standing for ``module``'s output, or None if none has its shape."""
@@ -103,13 +123,18 @@ def _external_files(model) -> set[str]:
     return files
 
 
-def locate_onnx(path: Path, input_specs, inputs, reference, gate_db: float) -> dict:
-    """Locate the first module of the ONNX file ``path`` that departs from ``reference``
-    (:func:`~mobile_sd.parity.locate.capture_modules` output) on ``inputs``."""
+def locate_onnx(path: Path, input_specs, inputs, eager, gate_db: float) -> dict:
+    """Locate the first module of the ONNX file ``path`` that departs from the reference
+    (an :class:`~mobile_sd.parity.locate.EagerModules`) on ``inputs``."""
     values = OnnxValues(path, [s.name for s in input_specs], inputs)
-    shapes = {p: tuple(t.shape) for p, (t, _) in reference.items()}
-    result = descend(reference, lambda paths: values.evaluate(paths, shapes), gate_db)
-    result["method"] = "onnx name scopes -> extra graph outputs (onnxruntime)"
+    shapes = {p: shape for p, (_, shape) in eager.calls.items()}
+    calls = eager.calls
+    if not values.scoped:  # leaves only, compared in execution order
+        calls = OrderedDict((p, c) for p, c in calls.items() if p in values.in_scope)
+    result = descend(calls, eager.values, lambda paths: values.evaluate(paths, shapes), gate_db)
+    result["method"] = ("onnx name scopes" if values.scoped else
+                        "parameter names (the graph has no name-scope metadata)") + \
+        " -> extra graph outputs (onnxruntime)"
     return result
 
 

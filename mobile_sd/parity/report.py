@@ -35,7 +35,9 @@ def new_report(folder: Path, manifest: dict, model, settings: dict) -> dict:
             "artifact": {"path": str(folder), "format": manifest.get("format"),
                          "backend": manifest.get("backend"), "recipe": recipe.get("name"),
                          "manifest_sha256": sha256_file(Path(folder) / "manifest.json"),
-                         "model": manifest.get("model"), "exported": manifest.get("created")},
+                         "model": manifest.get("model"), "exported": manifest.get("created"),
+                         # what the export itself could not do or verify here
+                         "export_skipped": manifest.get("skipped", [])},
             "reference": {"model": model.source, "spec": model.spec.name},
             "settings": settings, "components": {}, "e2e": {"status": "skip", "reason": "not run"},
             "summary": {}, "files": {}}
@@ -83,7 +85,9 @@ def _jsonable(value):
 
 
 def _db(tier: dict | None) -> str:
-    if not tier or tier.get("status") == "skip" or "worst" not in tier:
+    if not tier:
+        return "-"
+    if tier.get("status") == "skip" or "worst" not in tier:
         return "skipped"
     return f"{tier['worst']['psnr_db']:.1f} (>= {tier['gate_min_psnr_db']:g})"
 
@@ -119,13 +123,17 @@ def render_markdown(report: dict) -> str:
                  comp.get("reason") or _where(comp)]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     lines += ["", "## End to end", ""] + _e2e_lines(report)
+    skipped = art.get("export_skipped") or []
+    if skipped:
+        lines += ["", "## Not verified at export", ""]
+        lines += [f"- {s.get('step')}: {s.get('reason')}" for s in skipped]
     return "\n".join(lines) + "\n"
 
 
 def _e2e_lines(report: dict) -> list[str]:
     e2e = report["e2e"]
-    if e2e["status"] == "skip":
-        return [f"Skipped: {e2e.get('reason')}"]
+    if "min_psnr_db" not in e2e:
+        return [f"{e2e['status'].upper()}: {e2e.get('reason')}"]
     lines = [f"**{e2e['status'].upper()}**: min PSNR {e2e['min_psnr_db']:.2f} dB "
              f"(gate {e2e['gate_min_psnr_db']:g}), min SSIM {e2e['min_ssim']:.4f}"
              + (f"; eager (not exported): {', '.join(e2e['eager_components'])}"
@@ -135,7 +143,8 @@ def _e2e_lines(report: dict) -> list[str]:
         lines.append(f"| {row['prompt']} | {row['seed']} | {row['psnr_db']:.2f} | "
                      f"{row['ssim']:.4f} | {row['max_abs']:.0f} | {row['mean_abs']:.3f} |")
     if report["files"].get("grid"):
-        lines += ["", f"![reference, export, amplified difference]({Path(report['files']['grid']).name})"]
+        grid = Path(report["files"]["grid"]).name
+        lines += ["", f"![reference, export, amplified difference]({grid})"]
     return lines
 
 
@@ -146,7 +155,7 @@ def terminal_lines(report: dict) -> list[str]:
         files = ",".join(Path(f["path"]).name for f in comp.get("files", [])
                          if f.get("format") in ("pte", "onnx", "mlpackage", "mlmodelc"))
         head = f"{comp['status'].upper():4s}  {name:12s} {files}"
-        if comp["status"] == "skip":
+        if "tiers" not in comp:  # skipped, or crashed on its runtime
             lines.append(f"{head}: {comp.get('reason')}")
             continue
         tiers = comp["tiers"]
@@ -156,8 +165,8 @@ def terminal_lines(report: dict) -> list[str]:
         lines.append(f"{head} [{comp.get('runtime')} {comp.get('precision')}]: {detail}, "
                      f"{n} inputs{loc}")
     e2e = report["e2e"]
-    if e2e["status"] == "skip":
-        lines.append(f"SKIP  e2e: {e2e.get('reason')}")
+    if "min_psnr_db" not in e2e:
+        lines.append(f"{e2e['status'].upper():4s}  e2e: {e2e.get('reason')}")
     else:
         lines.append(f"{e2e['status'].upper():4s}  e2e          {len(e2e['prompts'])} prompts: "
                      f"min PSNR {e2e['min_psnr_db']:.1f} dB (>= {e2e['gate_min_psnr_db']:g}), "

@@ -9,11 +9,12 @@ write the report.
 from __future__ import annotations
 
 import gc
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from mobile_sd.errors import ParityError
+from mobile_sd.parity.runtimes import ArtifactRunError
 from mobile_sd.recipes import DEFAULT_PROMPTS
 
 
@@ -28,7 +29,6 @@ class ParityOptions:
     locate: bool = True
     num_threads: int | None = None
     progress: bool = False
-    extra: dict = field(default_factory=dict)
 
 
 def _open_all(folder: Path, manifest: dict, names, options: ParityOptions):
@@ -102,8 +102,13 @@ def run_parity(folder: str | Path, model, options: ParityOptions | None = None,
     if runners:
         recorder, images = eager.record_pipeline(model, manifest, options.prompts, options.seed,
                                                  options.progress)
-    for name, runner in runners.items():
-        entries[name].update(_check_one(folder, manifest, name, runner, model, recorder, options))
+    for name, runner in list(runners.items()):
+        try:
+            entries[name].update(_check_one(folder, manifest, name, runner, model, recorder,
+                                            options))
+        except ArtifactRunError as exc:  # an artifact that crashes its runtime fails
+            entries[name].update(status="fail", reason=str(exc))
+            runners.pop(name)
         gc.collect()  # free this component's eager copies before the next one
     out = Path(out_dir) if out_dir is not None else default_out_dir(folder)
     report["e2e"] = _e2e(runners, entries, model, manifest, options, images, out, report)
@@ -134,14 +139,20 @@ def _e2e(runners, entries, model, manifest, options, images, out: Path, report) 
 
     if not options.e2e:
         return {"status": "skip", "reason": "disabled (--no-e2e)"}
+    crashed = [n for n, e in entries.items() if e["status"] == "fail" and n not in runners]
+    if crashed:
+        return {"status": "skip", "reason": f"{', '.join(crashed)} crashed on its runtime"}
     skipped = [n for n, e in entries.items() if e["status"] == "skip"]
     if skipped:
         return {"status": "skip", "reason": f"{', '.join(skipped)} cannot run on this host: "
                 f"{entries[skipped[0]].get('reason')}"}
     if not runners:
         return {"status": "skip", "reason": "no component selected"}
-    result = run_e2e(runners, model, manifest, options.prompts, images,
-                     Budget.from_manifest(manifest).e2e_min_psnr_db, options.seed)
+    gate = Budget.from_manifest(manifest).e2e_min_psnr_db
+    try:
+        result = run_e2e(runners, model, manifest, options.prompts, images, gate, options.seed)
+    except ArtifactRunError as exc:
+        return {"status": "fail", "gate_min_psnr_db": gate, "reason": str(exc)}
     label = f"{manifest.get('format')}/{manifest.get('backend')}"
     grid = image_grid(images, {label: result.pop("_images")}, out / "parity_grid.png")
     report["files"]["grid"] = str(grid)

@@ -13,8 +13,9 @@ A chunked component (several runnable files, each with its own ``inputs``/``outp
 manifest) runs chunk by chunk, each chunk taking its inputs by name from the component's inputs
 and the earlier chunks' outputs.
 
->>> runner = open_component("artifacts/android", load_manifest("artifacts/android"), "unet")  # doctest: +SKIP
->>> runner(sample, timestep, context)[0].shape                                               # doctest: +SKIP
+>>> folder = "artifacts/android"
+>>> runner = open_component(folder, load_manifest(folder), "unet")  # doctest: +SKIP
+>>> runner(sample, timestep, context)[0].shape                     # doctest: +SKIP
 torch.Size([2, 4, 64, 64])
 """
 from __future__ import annotations
@@ -47,6 +48,10 @@ class RuntimeSkip(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class ArtifactRunError(RuntimeError):
+    """The artifact loaded but its runtime failed while running it (a failed check)."""
 
 
 @dataclass(frozen=True)
@@ -112,16 +117,15 @@ class PteRunner(_FileRunner):
         self.data_path = data_file_for(path)
         program = runtime.load_program(path, data_path=self.data_path)
         meta = program.metadata("forward")
-        found = lambda n, get: [(None, tuple(get(i).sizes()), _ET_DTYPES.get(get(i).dtype(), str(get(i).dtype())))  # noqa: E731
-                                for i in range(n)]
-        check_io(str(path), "input", inputs, found(meta.num_inputs(), meta.input_tensor_meta))
-        check_io(str(path), "output", outputs, found(meta.num_outputs(), meta.output_tensor_meta))
+        check_io(str(path), "input", inputs, _pte_io(meta.num_inputs(), meta.input_tensor_meta))
+        check_io(str(path), "output", outputs, _pte_io(meta.num_outputs(), meta.output_tensor_meta))
         needed = ET_BACKENDS.get(backend)
         if needed and not runtime.backend_registry.is_available(needed):
+            where = "; Core ML runs only on Apple devices / macOS" if backend == "coreml" else ""
             raise RuntimeSkip(f"{path.name} is delegated to {needed}, which this ExecuTorch "
                               f"runtime does not register (it has "
                               f"{', '.join(runtime.backend_registry.registered_backend_names)})"
-                              + ("; Core ML runs only on Apple devices / macOS" if backend == "coreml" else ""))
+                              + where)
         try:
             self.method = program.load_method("forward")
         except RuntimeError as exc:  # a registered delegate that cannot initialize here (QNN)
@@ -130,7 +134,14 @@ class PteRunner(_FileRunner):
         self.program = program
 
     def run(self, tensors):
+        # clone: outputs live in the program's planned memory, reused by the next execute
         return [t.clone() for t in self.method.execute([t.contiguous() for t in tensors])]
+
+
+def _pte_io(count: int, meta) -> list[tuple[None, tuple, str]]:
+    """(None: a .pte keeps no names, shape, dtype) of each input/output tensor."""
+    return [(None, tuple(meta(i).sizes()), _ET_DTYPES.get(meta(i).dtype(), str(meta(i).dtype())))
+            for i in range(count)]
 
 
 class OnnxRunner(_FileRunner):
@@ -151,7 +162,8 @@ class OnnxRunner(_FileRunner):
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own exception types for bad files
             raise ParityError(f"{path}: onnxruntime cannot load it ({exc}); re-export it") from exc
-        found = lambda args: [(a.name, a.shape, _ORT_DTYPES.get(a.type, a.type)) for a in args]  # noqa: E731
+        found = lambda args: [(a.name, a.shape, _ORT_DTYPES.get(a.type, a.type))  # noqa: E731
+                              for a in args]
         check_io(str(path), "input", inputs, found(self.session.get_inputs()))
         check_io(str(path), "output", outputs, found(self.session.get_outputs()))
 
@@ -228,7 +240,11 @@ class ComponentRunner:
                 raise ParityError(f"{runner.path.name} needs {missing}, which neither the "
                                   f"component inputs nor an earlier chunk provide; the manifest's "
                                   "chunk I/O is inconsistent: re-export")
-            outs = runner.run([env[s.name].to(_TORCH[s.dtype]) for s in runner.inputs])
+            try:
+                outs = runner.run([env[s.name].to(_TORCH[s.dtype]) for s in runner.inputs])
+            except Exception as exc:  # each runtime raises its own types
+                raise ArtifactRunError(f"{runner.path.name}: {runner.runtime} raised "
+                                       f"{type(exc).__name__}: {str(exc).strip()[:300]}") from exc
             env.update({s.name: o for s, o in zip(runner.outputs, outs)})
         return [env[s.name].float() if env[s.name].is_floating_point() else env[s.name]
                 for s in self.outputs]

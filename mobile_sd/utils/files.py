@@ -68,6 +68,8 @@ def atomic_output_dir(final: str | os.PathLike, overwrite: bool = False) -> Iter
             raise OutputDirError(f"output folder {final} already exists and is not empty; "
                                  "pass --force to replace it or choose another --out")
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    # mkdtemp makes 0700; the output is as readable as its parent (never group/world-writable).
+    tmp.chmod(final.parent.stat().st_mode & 0o755 | 0o700)
     try:
         yield tmp
         if final.exists():

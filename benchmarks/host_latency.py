@@ -1,0 +1,179 @@
+"""Host latency at full size, per component: eager fp32 vs ONNX Runtime vs .pte XNNPACK fp32 vs
+.pte XNNPACK int8 — median/p90, load time, peak RSS, size, and the fraction of this CPU's
+measured fp32 GEMM peak each one reaches.
+
+Usage::
+
+    .venv/bin/python benchmarks/host_latency.py [--spec snapfusion] [--iters 5]
+        [--fp32 artifacts/android] [--int8 artifacts/android-int8] [--onnx artifacts/onnx]
+
+Folders that do not exist are exported first with `mobile-sd export` under /usr/bin/time, and
+the export wall time and peak RSS are recorded (the `make export-android` figures). Every
+runtime is measured in its own process (the runner protocol of `mobile_sd.bench.runner`;
+eager through a small worker here), one at a time, with the same thread count.
+Writes benchmarks/results/host_latency.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import _common  # noqa: F401
+from _common import ROOT, write_results
+
+RECIPES = {"fp32": "android-snapfusion-xnnpack-fp32", "int8": "android-snapfusion-xnnpack-int8",
+           "onnx": "onnx-snapfusion"}
+MOBILE_SD = str(ROOT / ".venv" / "bin" / "mobile-sd")
+
+
+def export_if_missing(kind: str, folder: Path, spec: str) -> dict | None:
+    """Run `mobile-sd export` for a missing folder; returns wall time and peak RSS."""
+    if (folder / "manifest.json").is_file():
+        return None
+    cmd = ["/usr/bin/time", "-v", MOBILE_SD, "export", "--recipe",
+           str(ROOT / "export_recipes" / f"{RECIPES[kind]}.yaml"), "--spec", spec,
+           "--out", str(folder), "--force"]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        raise SystemExit(f"export {kind} failed:\n{proc.stderr[-3000:]}")
+    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
+    return {"recipe": RECIPES[kind], "export_wall_s": round(time.perf_counter() - start, 1),
+            "export_peak_rss_gb": round(int(rss.group(1)) / 2**20, 2) if rss else None}
+
+
+def gemm_peak_gflops(threads: int) -> float:
+    """Measured fp32 GEMM throughput of this CPU (torch matmul 2048^3, best of 5)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    torch.mm(a, b)
+    best = min(_timed(lambda: torch.mm(a, b)) for _ in range(5))
+    return 2 * 2048**3 / best / 1e9
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def run_artifact(path: Path, inputs: list, iters: int, threads: int, data: Path | None) -> dict:
+    cmd = [sys.executable, "-m", "mobile_sd.bench.runner", "--artifact", str(path), "--inputs",
+           json.dumps(inputs), "--warmup", "1", "--iters", str(iters), "--threads", str(threads)]
+    if data:
+        cmd += ["--data-path", str(data)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    line = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else "{}"
+    result = json.loads(line)
+    if result.get("status") != "ok":
+        raise SystemExit(f"{path}: {result.get('reason') or proc.stderr[-2000:]}")
+    return result
+
+
+def eager_worker(spec: str, component: str, recipe: str, iters: int, threads: int) -> dict:
+    """Eager fp32 PyTorch with the same I/O as the exported component (CFG folding included,
+    no other surgery: this is the plain PyTorch path)."""
+    import torch
+
+    from mobile_sd.export_cmd import build_component
+    from mobile_sd.models.zoo import build_model
+    from mobile_sd.recipes import load_recipe
+    from mobile_sd.utils.env import peak_rss_mb
+
+    torch.set_num_threads(threads)
+    r = load_recipe(ROOT / "export_recipes" / f"{recipe}.yaml")
+    start = time.perf_counter()
+    model = build_model(spec, with_tokenizer=False)
+    passes = ["cfg_fold"] if component == "unet" and r.cfg == "folded" else []
+    comp = build_component(model, component, r, passes)
+    load_ms = (time.perf_counter() - start) * 1e3
+    inputs = comp.example_inputs()
+    times = []
+    with torch.no_grad():
+        comp.module(*inputs)
+        for _ in range(iters):
+            times.append(_timed(lambda: comp.module(*inputs)) * 1e3)
+    return {"load_ms": load_ms, "iteration_ms": times, "peak_rss_mb": peak_rss_mb()}
+
+
+def stats(times: list[float]) -> dict:
+    import numpy as np
+
+    t = np.asarray(times)
+    return {"median_ms": float(np.median(t)), "p90_ms": float(np.percentile(t, 90)),
+            "min_ms": float(t.min())}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--spec", default="snapfusion")
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--fp32", type=Path, default=ROOT / "artifacts" / "android")
+    p.add_argument("--int8", type=Path, default=ROOT / "artifacts" / "android-int8")
+    p.add_argument("--onnx", type=Path, default=ROOT / "artifacts" / "onnx")
+    p.add_argument("--eager-worker", nargs=3)
+    args = p.parse_args()
+    if args.eager_worker:
+        print(json.dumps(eager_worker(args.spec, *args.eager_worker[:2], int(args.eager_worker[2]),
+                                      args.threads)))
+        return
+    from mobile_sd.manifest import load_manifest
+
+    folders = {"pte_fp32": args.fp32, "pte_int8": args.int8, "onnx_fp32": args.onnx}
+    exports = {}
+    for kind, folder in (("fp32", args.fp32), ("int8", args.int8), ("onnx", args.onnx)):
+        made = export_if_missing(kind, folder, args.spec)
+        if made:
+            exports[kind] = made
+    peak = gemm_peak_gflops(args.threads)
+    manifests = {k: load_manifest(f) for k, f in folders.items()}
+    zoo = json.loads((ROOT / "benchmarks/results/model_zoo.json").read_text())
+    gmacs = {r["component"]: r["gmacs"] for r in zoo["rows"] if r["spec"] == args.spec}
+    rows = []
+    for comp in ("text_encoder", "unet", "decoder"):
+        ref = manifests["pte_fp32"]["components"][comp]
+        # A folded UNet runs the UNet twice (batch 2) per call.
+        macs = gmacs[comp] * (2 if comp == "unet" else 1)
+        out = subprocess.run([sys.executable, __file__, "--spec", args.spec, "--threads",
+                              str(args.threads), "--eager-worker", comp, RECIPES["fp32"],
+                              str(args.iters)], capture_output=True, text=True, cwd=ROOT)
+        eager = json.loads(out.stdout.strip().splitlines()[-1])
+        measured = {"eager_fp32": (eager, None)}
+        for kind, folder in folders.items():
+            entry = manifests[kind]["components"][comp]
+            model = next(f for f in entry["files"] if f["format"] in ("pte", "onnx"))
+            data = next((folder / f["path"] for f in entry["files"] if f["format"] == "ptd"), None)
+            measured[kind] = (run_artifact(folder / model["path"], entry["inputs"], args.iters,
+                                           args.threads, data), model["bytes"])
+        base = stats(eager["iteration_ms"])["median_ms"]
+        for kind, (res, size) in measured.items():
+            s = stats(res["iteration_ms"])
+            rows.append({"component": comp, "runtime": kind, **{k: round(v, 1) for k, v in s.items()},
+                         "load_ms": round(res["load_ms"], 0), "peak_rss_mb": round(res["peak_rss_mb"], 0),
+                         "size_mb": round(size / 2**20, 1) if size else None,
+                         "speedup_vs_eager": round(base / s["median_ms"], 2),
+                         "gemm_peak_frac": round(2 * macs / (s["median_ms"] / 1e3) / 1e9 / peak, 3)})
+    write_results("host_latency", rows, [
+        ("component", "component"), ("runtime", "runtime"), ("median_ms", "median ms"),
+        ("p90_ms", "p90 ms"), ("min_ms", "min ms"), ("load_ms", "load ms"),
+        ("peak_rss_mb", "peak RSS MB"), ("size_mb", "size MB"),
+        ("speedup_vs_eager", "x vs eager"), ("gemm_peak_frac", "of fp32 GEMM peak")],
+        f"Host latency, full-size {args.spec}, {args.threads} threads",
+        [f"Measured fp32 GEMM peak of this CPU: {peak:.0f} GFLOP/s (torch 2048^3 matmul); the "
+         "last column is counted GMACs x 2 / latency / that peak (int8 can exceed 1).",
+         "UNet calls are CFG-folded (batch 2 inside one call) in every runtime; ONNX uses batch 2.",
+         "Random weights; latency does not depend on weight values.",
+         "Exports made by this run: " + (json.dumps(exports) if exports else "none (reused)")],
+        extra={"gemm_peak_gflops": peak, "exports": exports})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""Numerics of the XNNPACK surgery passes: each rewrite matches the original within 1e-5."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from mobile_sd.surgery import (xnnpack_geglu, xnnpack_group_norm, xnnpack_layer_norm,
+                               xnnpack_upsample)
+
+PASSES = (xnnpack_group_norm, xnnpack_layer_norm, xnnpack_upsample, xnnpack_geglu)
+ATOL = 1e-5  # fp32 re-association of mean/variance; the rewrites are exact in exact arithmetic
+
+
+def _randomize(module: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial weights everywhere (norms start as ones/zeros, which would hide errors)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.5 + (1.0 if p.dim() == 1 else 0.0))
+    return module
+
+
+def _max_err(original: nn.Module, pass_module, *inputs) -> tuple[float, int]:
+    rewritten = copy.deepcopy(original)
+    count = pass_module.apply(rewritten)
+    with torch.no_grad():
+        err = (rewritten(*inputs) - original(*inputs)).abs().max().item()
+    return err, count
+
+
+def tiny_unet() -> nn.Module:
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.attention_processor import AttnProcessor
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+        attention_head_dim=4, norm_num_groups=8, sample_size=16).eval()
+    unet.set_attn_processor(AttnProcessor())
+    return unet
+
+
+@pytest.mark.parametrize("shape", [(2, 32, 9, 7), (1, 32, 50)])
+@pytest.mark.parametrize("affine", [True, False])
+def test_group_norm_matches(shape, affine):
+    norm = _randomize(nn.GroupNorm(8, 32, eps=1e-6, affine=affine))
+    x = torch.randn(shape) * 3 + 2  # offset mean: a one-pass variance would lose digits here
+    err, count = _max_err(norm, xnnpack_group_norm, x)
+    assert count == 1 and err <= ATOL
+
+
+@pytest.mark.parametrize("affine,bias", [(True, True), (True, False), (False, False)])
+def test_layer_norm_matches(affine, bias):
+    norm = _randomize(nn.LayerNorm(32, elementwise_affine=affine, bias=bias))
+    err, count = _max_err(norm, xnnpack_layer_norm, torch.randn(2, 77, 32) * 3 + 2)
+    assert count == 1 and err <= ATOL
+
+
+@pytest.mark.parametrize("use_conv", [True, False])
+def test_upsample_matches(use_conv):
+    from diffusers.models.upsampling import Upsample2D
+
+    up = _randomize(Upsample2D(16, use_conv=use_conv)).eval()
+    x = torch.randn(2, 16, 5, 6)
+    err, count = _max_err(up, xnnpack_upsample, x)
+    assert count == 1 and err <= ATOL
+    rewritten = copy.deepcopy(up)
+    xnnpack_upsample.apply(rewritten)
+    # An explicit non-2x output size falls back to diffusers' own interpolate.
+    assert torch.equal(rewritten(x, output_size=(11, 12)), up(x, output_size=(11, 12)))
+    assert rewritten.state_dict().keys() == up.state_dict().keys()
+
+
+def test_geglu_matches():
+    from diffusers.models.activations import GEGLU
+
+    geglu = _randomize(GEGLU(32, 48))
+    err, count = _max_err(geglu, xnnpack_geglu, torch.randn(2, 77, 32))
+    assert count == 1 and err <= ATOL
+
+
+def test_passes_on_tiny_unet_preserve_numerics_and_state_dict():
+    unet = _randomize(tiny_unet(), seed=1)
+    rewritten = copy.deepcopy(unet)
+    counts = {p.__name__.rsplit(".", 1)[-1]: p.apply(rewritten) for p in PASSES}
+    assert counts == {"xnnpack_group_norm": 21, "xnnpack_layer_norm": 12,
+                      "xnnpack_upsample": 1, "xnnpack_geglu": 4}
+    inputs = (torch.randn(1, 4, 16, 16), torch.tensor([500.0]), torch.randn(1, 77, 32))
+    with torch.no_grad():
+        want, got = unet(*inputs).sample, rewritten(*inputs).sample
+    # Relative to the output scale: 21 norms deep, with randomized (large) weights.
+    assert (got - want).abs().max().item() <= ATOL * max(1.0, want.abs().max().item())
+    assert rewritten.state_dict().keys() == unet.state_dict().keys()
+    assert all(p.apply(rewritten) == 0 for p in PASSES)  # idempotent
+
+
+def test_pass_flags():
+    for p in PASSES:
+        assert p.preserves_numerics is True
+        assert isinstance(p.applies_to, tuple) and p.applies_to
+        assert p.__doc__ and "Before" in p.__doc__ and "After" in p.__doc__
