@@ -14,7 +14,8 @@ from mobile_sd.errors import ExportError
 from mobile_sd.exporters.ane_lint import HEADER_NOTE, RULES, RULES_BY_ID, lint_package
 
 ct = pytest.importorskip("coremltools")
-ANE_MD = Path("/work/shared/reference/ane.md")
+# shared/ sits beside the checkout (here and in CI).
+ANE_MD = Path(__file__).resolve().parents[2] / "shared" / "reference" / "ane.md"
 
 
 def _convert(module, args, precision="float16", target="iOS17", dynamic_shapes=None, **kwargs):
