@@ -19,6 +19,7 @@ from typing import Callable, Literal
 import torch
 from torch import nn
 
+from mobile_sd.models.text_encoder import TextEncoder
 from mobile_sd.pipeline.recorder import Call
 
 Interface = Literal["native", "swift"]
@@ -71,15 +72,6 @@ class ExportComponent:
         return [s.name for s in self.outputs]
 
 
-class _TextEncoderIO(nn.Module):
-    def __init__(self, clip: nn.Module) -> None:
-        super().__init__()
-        self.clip = clip
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.clip(input_ids=input_ids.long(), return_dict=False)[0]
-
-
 class _SwiftUNetIO(nn.Module):
     """Takes ``encoder_hidden_states`` as (B, D, 1, 77), as Apple's Swift pipeline sends it."""
 
@@ -100,7 +92,7 @@ def text_encoder_component(clip: nn.Module, max_length: int, hidden: int,
     def from_call(call: Call):
         return ((call.inputs["input_ids"].to(_TORCH_DTYPES[dtype]),),
                 (call.outputs["last_hidden_state"],))
-    return ExportComponent("text_encoder", _TextEncoderIO(clip), (ids,),
+    return ExportComponent("text_encoder", TextEncoder(clip), (ids,),
                            (TensorSpec("last_hidden_state", (1, max_length, hidden)),),
                            interface, from_call)
 
