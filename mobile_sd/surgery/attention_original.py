@@ -144,12 +144,20 @@ class AttentionOriginalPass(SurgeryPass):
     applies_to = frozenset(COMPONENTS)
 
     def apply(self, module: nn.Module) -> nn.Module:
-        attentions = find_modules(module, Attention)
-        for name, attn in attentions:
-            check_plain_attention(attn, name, self.name,
-                                  (AttnProcessor, AttnProcessor2_0, KernelAttnProcessor))
-        for _, attn in attentions:
-            attn.set_processor(AttnProcessor())
-        for _, attn in find_modules(module, KernelAttention):
-            attn.kernel = MatmulAttention()
-        return replace_clip_attention(module, MatmulAttention)
+        return swap_attention_kernels(module, self.name, AttnProcessor, MatmulAttention)
+
+
+def swap_attention_kernels(module: nn.Module, pass_name: str, make_processor,
+                           make_kernel) -> nn.Module:
+    """Give every attention in ``module`` the kernel ``make_kernel()``: diffusers ``Attention``
+    get ``make_processor()``, modules owned by other passes get a new ``kernel`` child, CLIP
+    attention is replaced. All diffusers attentions are checked before any is changed."""
+    attentions = find_modules(module, Attention)
+    for name, attn in attentions:
+        check_plain_attention(attn, name, pass_name,
+                              (AttnProcessor, AttnProcessor2_0, KernelAttnProcessor))
+    for _, attn in attentions:
+        attn.set_processor(make_processor())
+    for _, attn in find_modules(module, KernelAttention):
+        attn.kernel = make_kernel()
+    return replace_clip_attention(module, make_kernel)

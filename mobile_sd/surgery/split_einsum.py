@@ -29,14 +29,12 @@ swapped. Rewrites in place. Preserves numerics (fp32 max abs error <= 6e-6 on th
 from __future__ import annotations
 
 import torch
-from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 from torch import nn
 
 from mobile_sd.errors import RecipeError
-from mobile_sd.surgery.attention_original import replace_clip_attention
-from mobile_sd.surgery.base import (COMPONENTS, KernelAttention, KernelAttnProcessor, Layout,
-                                    SurgeryPass, check_plain_attention, find_modules, to_bc1s,
-                                    to_bsc)
+from mobile_sd.surgery.attention_original import swap_attention_kernels
+from mobile_sd.surgery.base import (COMPONENTS, KernelAttnProcessor, Layout, SurgeryPass,
+                                    to_bc1s, to_bsc)
 
 
 class SplitEinsumAttention(nn.Module):
@@ -106,15 +104,8 @@ class SplitEinsumAttentionPass(SurgeryPass):
         return SplitEinsumAttention(self.chunk_size)
 
     def apply(self, module: nn.Module) -> nn.Module:
-        attentions = find_modules(module, Attention)
-        for name, attn in attentions:
-            check_plain_attention(attn, name, self.name,
-                                  (AttnProcessor, AttnProcessor2_0, KernelAttnProcessor))
-        for _, attn in attentions:
-            attn.set_processor(KernelAttnProcessor(self._kernel()))
-        for _, attn in find_modules(module, KernelAttention):
-            attn.kernel = self._kernel()
-        return replace_clip_attention(module, self._kernel)
+        return swap_attention_kernels(module, self.name,
+                                      lambda: KernelAttnProcessor(self._kernel()), self._kernel)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(chunk_size={self.chunk_size})"
