@@ -128,22 +128,31 @@ def test_interrupted_export_keeps_the_previous_output(tmp_path, cli, monkeypatch
     assert leftovers(tmp_path) == ["out"] and leftovers(out) == ["previous.txt"]
 
 
+# Runs the real CLI in a child process that sends itself SIGTERM once the package is saved
+# into the temp folder: deterministic, unlike a parent racing a fast tiny export.
+_SIGTERM_DRIVER = """
+import os, signal, sys, time
+from mobile_sd.exporters import coreml_flow
+from mobile_sd import cli
+
+def terminate_self(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(30)          # the handler interrupts this at once
+
+coreml_flow._check_packages = terminate_self
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
 def test_terminated_export_cleans_up(tmp_path):
     """SIGTERM (kill, CI timeout) mid-export: exit code 2, the temp folder removed."""
-    import signal
     import sys
-    import time
 
-    cmd = [sys.executable, "-m", "mobile_sd.cli", "export", "--recipe", RECIPE, "--spec",
+    cmd = [sys.executable, "-c", _SIGTERM_DRIVER, "export", "--recipe", RECIPE, "--spec",
            "snapfusion-tiny", "--latent-size", "16", "--components", "decoder",
            "--out", str(tmp_path / "out")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    deadline = time.monotonic() + 120
-    while not list(tmp_path.glob(".out.tmp-*")) and time.monotonic() < deadline:
-        time.sleep(0.2)                                  # wait until the export writes
-    assert proc.poll() is None, proc.communicate()[1][-2000:]
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 2 and "export interrupted; nothing was written" in err
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "export interrupted; nothing was written" in proc.stderr
     assert leftovers(tmp_path) == []
