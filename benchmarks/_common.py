@@ -74,3 +74,29 @@ def time_call(fn: Callable[[], object], warmup: int = 1, iters: int = 3) -> dict
         cpu.append(time.process_time() - cpu_start)
     return {"median_s": statistics.median(times), "min_s": min(times),
             "cpu_median_s": statistics.median(cpu), "iters": iters}
+
+
+def timed_export(recipe: Path, spec: str, out: Path, extra_args: Sequence[str] = ()) -> dict:
+    """``mobile-sd export`` in its own process under ``/usr/bin/time -v`` (Debian's ``time``):
+    wall and CPU seconds, peak RSS, the machine's load average around it, and the manifest."""
+    import os
+    import re
+    import subprocess
+
+    cmd = ["/usr/bin/time", "-v", str(ROOT / ".venv" / "bin" / "mobile-sd"), "export",
+           "--recipe", str(recipe), "--spec", spec, "--out", str(out), "--force", *extra_args]
+    load_before = os.getloadavg()[0]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
+    cpu = sum(float(x) for x in re.findall(r"(?:User|System) time \(seconds\): ([\d.]+)",
+                                           proc.stderr))
+    return {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
+            "peak_rss_gb": round(peak_kb / 2**20, 2), "load_before": round(load_before, 1),
+            "load_after": round(os.getloadavg()[0], 1),
+            "command": " ".join(cmd[2:]).replace(str(ROOT) + "/", ""),
+            "manifest": json.loads((out / "manifest.json").read_text())}

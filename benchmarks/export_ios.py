@@ -21,17 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import _common  # noqa: F401  (sets sys.path)
-from _common import ROOT, write_results
+from _common import ROOT, timed_export, write_results
 
 RECIPES = {"snapfusion": "ios-snapfusion-fast.yaml", "sd15": "ios-sd15-swift.yaml"}
 TIME = "/usr/bin/time"
@@ -57,29 +54,14 @@ def recipe_file(spec: str, variant: str, folder: Path) -> Path:
 
 def export_run(spec: str, variant: str, out: Path, recipes: Path) -> dict:
     recipe = recipe_file(spec, variant, recipes)
-    cmd = [TIME, "-v", str(ROOT / ".venv" / "bin" / "mobile-sd"), "export", "--recipe",
-           str(recipe), "--spec", spec, "--out", str(out), "--force"]
-    load_before = os.getloadavg()[0]
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    manifest = json.loads((out / "manifest.json").read_text())
-    comps = manifest["components"]
+    run = timed_export(recipe, spec, out)
+    comps = run.pop("manifest")["components"]
     size = lambda c: sum(f["bytes"] for f in comps[c]["files"]) / 2**20  # noqa: E731
-    peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
-    cpu = sum(float(x) for x in re.findall(r"(?:User|System) time \(seconds\): ([\d.]+)",
-                                           proc.stderr))
-    return {"spec": spec, "variant": variant, "recipe": recipe.name, "wall_s": round(wall, 1),
-            "cpu_s": round(cpu, 1), "peak_rss_gb": round(peak_kb / 2**20, 2),
+    return {"spec": spec, "variant": variant, "recipe": recipe.name, **run,
             "text_encoder_mb": round(size("text_encoder"), 1), "unet_mb": round(size("unet"), 1),
             "decoder_mb": round(size("decoder"), 1),
             "unet_files": ", ".join(f["path"] for f in comps["unet"]["files"]),
-            "unet_s": comps["unet"]["export_seconds"],
-            "load_before": round(load_before, 1), "load_after": round(os.getloadavg()[0], 1),
-            "command": " ".join(cmd[2:]).replace(str(ROOT) + "/", "")}
+            "unet_s": comps["unet"]["export_seconds"]}
 
 
 # --- palettizer comparison (benchmarks/palettize_speed.py's functions, in a subprocess) ------

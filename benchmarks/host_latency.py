@@ -7,8 +7,8 @@ Usage::
     .venv/bin/python benchmarks/host_latency.py [--spec snapfusion] [--iters 5]
         [--fp32 artifacts/android] [--int8 artifacts/android-int8] [--onnx artifacts/onnx]
 
-Folders that do not exist are exported first with `mobile-sd export` under /usr/bin/time, and
-the export wall time and peak RSS are recorded (the `make export-android` figures). Every
+The folders come from ``benchmarks/export_android.py`` (which also records the export times and
+peak RSS, `make export-android` included); a missing one is an error naming that command. Every
 runtime is measured in its own process (the runner protocol of `mobile_sd.bench.runner`;
 eager through a small worker here), one at a time, with the same thread count.
 Writes benchmarks/results/host_latency.{json,md}.
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import subprocess
 import sys
 import time
@@ -28,23 +27,14 @@ from _common import ROOT, write_results
 
 RECIPES = {"fp32": "android-snapfusion-xnnpack-fp32", "int8": "android-snapfusion-xnnpack-int8",
            "onnx": "onnx-snapfusion"}
-MOBILE_SD = str(ROOT / ".venv" / "bin" / "mobile-sd")
+# First bars of the issue, on the UNet: speed-up of the .pte over eager fp32 PyTorch.
+UNET_BARS = {"pte_fp32": 1.5, "pte_int8": 2.5}
 
 
-def export_if_missing(kind: str, folder: Path, spec: str) -> dict | None:
-    """Run `mobile-sd export` for a missing folder; returns wall time and peak RSS."""
-    if (folder / "manifest.json").is_file():
-        return None
-    cmd = ["/usr/bin/time", "-v", MOBILE_SD, "export", "--recipe",
-           str(ROOT / "export_recipes" / f"{RECIPES[kind]}.yaml"), "--spec", spec,
-           "--out", str(folder), "--force"]
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    if proc.returncode != 0:
-        raise SystemExit(f"export {kind} failed:\n{proc.stderr[-3000:]}")
-    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
-    return {"recipe": RECIPES[kind], "export_wall_s": round(time.perf_counter() - start, 1),
-            "export_peak_rss_gb": round(int(rss.group(1)) / 2**20, 2) if rss else None}
+def require_folder(kind: str, folder: Path) -> None:
+    if not (folder / "manifest.json").is_file():
+        raise SystemExit(f"{folder}: no {RECIPES[kind]} export; run "
+                         f"`.venv/bin/python benchmarks/export_android.py --recipes {kind}` first")
 
 
 def gemm_peak_gflops(threads: int) -> float:
@@ -103,6 +93,13 @@ def eager_worker(spec: str, component: str, recipe: str, iters: int, threads: in
     return {"load_ms": load_ms, "iteration_ms": times, "peak_rss_mb": peak_rss_mb()}
 
 
+def _bar(component: str, runtime: str, speedup: float) -> str | None:
+    need = UNET_BARS.get(runtime) if component == "unet" else None
+    if need is None:
+        return None
+    return f">={need}x: {'met' if speedup >= need else 'NOT met'}"
+
+
 def stats(times: list[float]) -> dict:
     import numpy as np
 
@@ -128,11 +125,8 @@ def main() -> None:
     from mobile_sd.manifest import load_manifest
 
     folders = {"pte_fp32": args.fp32, "pte_int8": args.int8, "onnx_fp32": args.onnx}
-    exports = {}
     for kind, folder in (("fp32", args.fp32), ("int8", args.int8), ("onnx", args.onnx)):
-        made = export_if_missing(kind, folder, args.spec)
-        if made:
-            exports[kind] = made
+        require_folder(kind, folder)
     peak = gemm_peak_gflops(args.threads)
     manifests = {k: load_manifest(f) for k, f in folders.items()}
     zoo = json.loads((ROOT / "benchmarks/results/model_zoo.json").read_text())
@@ -141,7 +135,7 @@ def main() -> None:
     for comp in ("text_encoder", "unet", "decoder"):
         ref = manifests["pte_fp32"]["components"][comp]
         # A folded UNet runs the UNet twice (batch 2) per call.
-        macs = gmacs[comp] * (2 if comp == "unet" else 1)
+        macs = gmacs.get(comp, 0.0) * (2 if comp == "unet" else 1)   # 0: spec not in the zoo
         out = subprocess.run([sys.executable, __file__, "--spec", args.spec, "--threads",
                               str(args.threads), "--eager-worker", comp, RECIPES["fp32"],
                               str(args.iters)], capture_output=True, text=True, cwd=ROOT)
@@ -151,8 +145,9 @@ def main() -> None:
             entry = manifests[kind]["components"][comp]
             model = next(f for f in entry["files"] if f["format"] in ("pte", "onnx"))
             data = next((folder / f["path"] for f in entry["files"] if f["format"] == "ptd"), None)
+            size = sum(f["bytes"] for f in entry["files"] if f.get("role") in ("model", "weights"))
             measured[kind] = (run_artifact(folder / model["path"], entry["inputs"], args.iters,
-                                           args.threads, data), model["bytes"])
+                                           args.threads, data), size)
         base = stats(eager["iteration_ms"])["median_ms"]
         for kind, (res, size) in measured.items():
             s = stats(res["iteration_ms"])
@@ -160,19 +155,26 @@ def main() -> None:
                          "load_ms": round(res["load_ms"], 0), "peak_rss_mb": round(res["peak_rss_mb"], 0),
                          "size_mb": round(size / 2**20, 1) if size else None,
                          "speedup_vs_eager": round(base / s["median_ms"], 2),
-                         "gemm_peak_frac": round(2 * macs / (s["median_ms"] / 1e3) / 1e9 / peak, 3)})
+                         "gemm_peak_frac": round(2 * macs / (s["median_ms"] / 1e3) / 1e9 / peak, 3)
+                         if macs else None,
+                         "bar": _bar(comp, kind, base / s["median_ms"])})
     write_results("host_latency", rows, [
         ("component", "component"), ("runtime", "runtime"), ("median_ms", "median ms"),
         ("p90_ms", "p90 ms"), ("min_ms", "min ms"), ("load_ms", "load ms"),
         ("peak_rss_mb", "peak RSS MB"), ("size_mb", "size MB"),
-        ("speedup_vs_eager", "x vs eager"), ("gemm_peak_frac", "of fp32 GEMM peak")],
-        f"Host latency, full-size {args.spec}, {args.threads} threads",
+        ("speedup_vs_eager", "x vs eager"), ("bar", "bar"),
+        ("gemm_peak_frac", "of fp32 GEMM peak")],
+        f"Host latency, {args.spec}, {args.threads} threads",
         [f"Measured fp32 GEMM peak of this CPU: {peak:.0f} GFLOP/s (torch 2048^3 matmul); the "
          "last column is counted GMACs x 2 / latency / that peak (int8 can exceed 1).",
          "UNet calls are CFG-folded (batch 2 inside one call) in every runtime; ONNX uses batch 2.",
          "Random weights; latency does not depend on weight values.",
-         "Exports made by this run: " + (json.dumps(exports) if exports else "none (reused)")],
-        extra={"gemm_peak_gflops": peak, "exports": exports})
+         "Size: what a device loads (program + weights: .pte + .ptd, .onnx + external data).",
+         "Export folders (benchmarks/export_android.py): " + ", ".join(
+             f"{k}: {manifests[k]['recipe']['name']} at git {str(manifests[k]['git_sha'])[:10]}"
+             for k in folders)],
+        extra={"gemm_peak_gflops": peak,
+               "export_git_sha": {k: manifests[k]["git_sha"] for k in folders}})
 
 
 if __name__ == "__main__":

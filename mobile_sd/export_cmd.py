@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import signal
 import threading
 import time
@@ -26,7 +25,7 @@ from mobile_sd.components import (ExportComponent, decoder_component, text_encod
 from mobile_sd.errors import ExportInterruptedError, RecipeError
 from mobile_sd.manifest import file_entry, new_manifest, write_manifest
 from mobile_sd.recipes import Recipe, ResolvedComponent, load_recipe
-from mobile_sd.utils.env import peak_rss_mb
+from mobile_sd.utils.env import peak_rss_mb, release_freed_memory
 from mobile_sd.utils.files import atomic_output_dir
 
 REFERENCE_FILE = "reference_io.safetensors"
@@ -135,7 +134,7 @@ def run_export(recipe: Recipe, model, out: Path, overwrite: bool = False) -> dic
             entry.setdefault("files", [])
             manifest["components"][name] = entry
             del comp
-            gc.collect()
+            release_freed_memory()   # the next component's lowering peak starts lower
             bar.update()
         bar.close()
         if hasattr(exporter, "finish"):

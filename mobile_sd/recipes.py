@@ -82,7 +82,8 @@ class Recipe:
     unet_chunk_max_bytes: int | None = None
     weights: Literal["inline", "separate"] = "inline"
     bundled_io: bool = True
-    etrecord: bool = True
+    etrecord: Literal["none", "graph", "full"] = "graph"   # graph: weights left out (see
+                                                         # exporters/et_etrecord.py)
     onnx_opset: int = 20
     qnn_soc: str = "SM8650"
     components: Mapping[str, ComponentRecipe] = field(default_factory=dict)

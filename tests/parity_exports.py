@@ -73,7 +73,7 @@ def _export_onnx(comp, out: Path) -> list[Path]:
     return [path]
 
 
-def _export_pte(comp, out: Path) -> list[Path]:
+def _export_pte(comp, out: Path, etrecord: str = "full") -> list[Path]:
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
@@ -81,10 +81,12 @@ def _export_pte(comp, out: Path) -> list[Path]:
     edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()],
                                        generate_etrecord=True)
     et = edge.to_executorch()
-    pte, etrecord = out / f"{comp.name}.pte", out / f"{comp.name}.etrecord"
+    from mobile_sd.exporters.et_etrecord import save_etrecord
+
+    pte, path = out / f"{comp.name}.pte", out / f"{comp.name}.etrecord"
     pte.write_bytes(et.buffer)
-    et.get_etrecord().save(str(etrecord))
-    return [pte, etrecord]
+    save_etrecord(et.get_etrecord(), path, etrecord)
+    return [pte, path]
 
 
 def _export_mlpackage(comp, out: Path) -> list[Path]:
@@ -106,13 +108,15 @@ _EXPORTERS = {"onnx": _export_onnx, "executorch": _export_pte, "coreml": _export
 
 
 @functools.lru_cache(maxsize=None)
-def export_folder(fmt: str, components: tuple[str, ...], perturb: tuple | None = None) -> Path:
-    """A complete export folder (manifest included) of ``components`` of the micro model."""
+def export_folder(fmt: str, components: tuple[str, ...], perturb: tuple | None = None,
+                  etrecord: str = "full") -> Path:
+    """A complete export folder (manifest included) of ``components`` of the micro model
+    (``etrecord``: the ETRecord mode of ExecuTorch exports)."""
     from mobile_sd.manifest import file_entry, new_manifest, write_manifest
     from mobile_sd.models.folder import scheduler_config
 
     model, recipe = micro_model(), recipe_for(fmt)
-    out = _TMP / f"{fmt}-{'-'.join(components)}-{'perturbed' if perturb else 'ok'}"
+    out = _TMP / f"{fmt}-{'-'.join(components)}-{'perturbed' if perturb else 'ok'}-{etrecord}"
     out.mkdir()
     spec = model.spec
     pipeline = {"steps": spec.scheduler.default_steps, "guidance": spec.scheduler.default_guidance,
@@ -122,7 +126,8 @@ def export_folder(fmt: str, components: tuple[str, ...], perturb: tuple | None =
     manifest = new_manifest(recipe.to_dict(), model.source, spec.name, pipeline, fmt, recipe.backend)
     for name in components:
         comp = _component(name, recipe, perturb)
-        files = _EXPORTERS[fmt](comp, out)
+        files = (_export_pte(comp, out, etrecord) if fmt == "executorch"
+                 else _EXPORTERS[fmt](comp, out))
         manifest["components"][name] = {
             "files": [file_entry(out, f, backend=recipe.backend) for f in files],
             "interface": comp.interface, "surgery": list(comp.passes),

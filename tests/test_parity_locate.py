@@ -77,6 +77,16 @@ def test_executorch_export_of_a_perturbed_weight_names_the_layer(cli, tmp_path):
     assert loc["weights_differ"][0]["name"] == weight
 
 
+def test_graph_only_etrecord_says_what_the_locator_could_not_compare(cli, tmp_path):
+    weight = "clip.encoder.layers.0.mlp.fc1.weight"
+    folder = pe.export_folder("executorch", ("text_encoder",), ("text_encoder", weight, 0.5),
+                              etrecord="graph")
+    code, _, _ = parity(cli, folder, tmp_path)
+    assert code == 1                                   # the departure is still detected
+    loc = _locator(tmp_path, "text_encoder")
+    assert loc["weights_differ"] == [] and "graph-only ETRecord" in loc["etrecord_note"]
+
+
 def test_descend_enters_the_first_departing_child():
     from mobile_sd.parity.locate import descend
 

@@ -70,8 +70,9 @@ def quantize_for_qnn(module: torch.nn.Module, example_inputs: tuple, calibration
 
 def lower_qnn(module: torch.nn.Module, example_inputs: tuple, precision: str,
               calibration: Iterable | None = None, soc: str = DEFAULT_SOC,
-              input_names: Sequence[str] | None = None):
-    """EdgeProgramManager with the graph delegated to QNN HTP (fp16 or 8a8w), with an ETRecord."""
+              input_names: Sequence[str] | None = None, etrecord: bool = True):
+    """EdgeProgramManager with the graph delegated to QNN HTP (fp16 or 8a8w), with an ETRecord
+    when asked."""
     require_qnn_sdk()
     from executorch.backends.qualcomm.utils.utils import (
         generate_htp_compiler_spec, generate_qnn_executorch_compiler_spec,
@@ -83,4 +84,4 @@ def lower_qnn(module: torch.nn.Module, example_inputs: tuple, precision: str,
         soc_model=_chipset(soc),
         backend_options=generate_htp_compiler_spec(use_fp16=precision == "fp16"))
     return to_edge_transform_and_lower_to_qnn(module, example_inputs, specs,
-                                              generate_etrecord=True)
+                                              generate_etrecord=etrecord)

@@ -14,6 +14,7 @@ Flow (stack.md): ``torch.export.export`` -> optional quantization -> ``to_edge_t
 from __future__ import annotations
 
 import dataclasses
+import gc
 import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -96,21 +97,31 @@ def _program(module, example_inputs, backend, precision, calibration, fp32_fallb
 
 
 def _lower(ep, module, example_inputs, backend, precision, calibration, coreml_target, soc,
-           input_names):
-    """EdgeProgramManager with the backend's partitions (and an ETRecord)."""
+           input_names, etrecord: str):
+    """(EdgeProgramManager with the backend's partitions, LeanRecording or None).
+
+    ``etrecord``: "none", "graph" (recorded without weight copies) or "full" (the stock
+    ``generate_etrecord``, which deep-copies the weights).
+    """
     from executorch.exir import to_edge_transform_and_lower
 
     from mobile_sd.exporters import et_backends, et_errors
+    from mobile_sd.exporters.et_etrecord import LeanRecording
 
     if backend == "qnn":
         from mobile_sd.exporters.et_qnn import lower_qnn
-        return lower_qnn(module, example_inputs, precision, calibration, soc, input_names)
+        return lower_qnn(module, example_inputs, precision, calibration, soc, input_names,
+                         etrecord != "none"), None
     partitioners = (et_backends.xnnpack_partitioners() if backend == "xnnpack"
                     else et_backends.coreml_partitioners(precision, coreml_target))
+    recording = LeanRecording(ep) if etrecord == "graph" else None
     try:
-        return to_edge_transform_and_lower(ep, partitioner=partitioners, generate_etrecord=True)
+        edge = to_edge_transform_and_lower(
+            ep, partitioner=partitioners, generate_etrecord=etrecord == "full",
+            transform_passes=[recording.edge_pass()] if recording else None)
     except Exception as exc:
         raise et_errors.translate(exc, ep.graph, backend) or exc
+    return edge, recording
 
 
 def _to_executorch(edge, separate_weights: bool, tag: str, graph, backend: str):
@@ -142,14 +153,16 @@ def export_pte(module: nn.Module, example_inputs: tuple, out_path: str | Path, *
                calibration: Iterable[tuple] | None = None, fp32_fallback: Sequence[str] = (),
                separate_weights: bool = False, input_names: Sequence[str] | None = None,
                output_names: Sequence[str] | None = None, coreml_target: str = "iOS17",
-               etrecord_path: str | Path | None = None,
+               etrecord_path: str | Path | None = None, etrecord_weights: bool = False,
                bundled_io: Sequence[tuple] | None = None, qnn_soc: str = "SM8650",
                overwrite: bool = False) -> ExportResult:
     """Export ``module`` to an ExecuTorch ``.pte`` for ``backend`` at ``precision``.
 
     Writes ``out_path`` and, when asked, ``<stem>.ptd`` (weights, ``separate_weights``),
     ``<stem>.bpte`` (``bundled_io``: ``(inputs, expected_outputs)`` pairs; ``None`` expected =
-    the lowered program's own eager output) and ``etrecord_path``, all or nothing.
+    the lowered program's own eager output) and ``etrecord_path``, all or nothing. The ETRecord
+    is graph-only (weights replaced by placeholders, see ``et_etrecord``) unless
+    ``etrecord_weights``.
     ``calibration``: input tuples for int8; ``fp32_fallback``: module names kept fp32 (int8).
     Raises RecipeError (impossible combination), CalibrationError, UnsupportedOpError,
     BackendUnavailableError (QNN without ``QNN_SDK_ROOT``), OutputDirError - before writing.
@@ -157,6 +170,7 @@ def export_pte(module: nn.Module, example_inputs: tuple, out_path: str | Path, *
     from mobile_sd.exporters import et_backends
     from mobile_sd.exporters.et_bundled import bundled_bytes
     from mobile_sd.exporters.et_delegation import delegation_summary
+    from mobile_sd.exporters.et_etrecord import save_etrecord
     from mobile_sd.exporters.et_output import PeakRss, staged
 
     out_path, example_inputs = Path(out_path), tuple(example_inputs)
@@ -183,8 +197,9 @@ def export_pte(module: nn.Module, example_inputs: tuple, out_path: str | Path, *
         # lowering consumes its constants, so they are computed first.
         cases = (_bundle_cases(bundled_io, ep.module() if ep is not None else module)
                  if bundled_io else None)
-        edge = _lower(ep, module, example_inputs, backend, precision, calibration,
-                      coreml_target, qnn_soc, input_names)
+        mode = "none" if not etrecord_path else "full" if etrecord_weights else "graph"
+        edge, recording = _lower(ep, module, example_inputs, backend, precision, calibration,
+                                 coreml_target, qnn_soc, input_names, mode)
         delegation = delegation_summary(edge.exported_program().graph_module)
         program = _to_executorch(edge, separate_weights, out_path.stem,
                                  edge.exported_program().graph, backend)
@@ -193,10 +208,15 @@ def export_pte(module: nn.Module, example_inputs: tuple, out_path: str | Path, *
             program.write_tensor_data_to_file(str(stage.path("ptd").parent))
         if cases:
             stage.path("bpte").write_bytes(bundled_bytes(program, cases))
-        if etrecord_path:
-            program.get_etrecord().save(str(stage.path("etrecord")))
         n_out = len(program.exported_program().graph_signature.user_outputs)
         names_out = _names(output_names, n_out, "output_", "output")
+        if etrecord_path:
+            record = recording.record(program) if recording else program.get_etrecord()
+            # Drop the lowered program (it holds the delegate's copy of the weights) before
+            # serializing the record: a full one needs as much memory again for a moment.
+            del program, edge, ep
+            gc.collect()
+            save_etrecord(record, stage.path("etrecord"), mode)
     final = stage.destinations
     return ExportResult(
         pte_path=str(final["pte"]), backend=backend, precision=precision, input_names=names_in,

@@ -73,7 +73,8 @@ def export_component(comp: ExportComponent, settings: ResolvedComponent, recipe:
         separate_weights=recipe.weights == "separate", input_names=comp.input_names,
         output_names=comp.output_names, coreml_target=recipe.target
         if recipe.backend == "coreml" else "iOS17",
-        etrecord_path=out_dir / f"{stem}.etrecord" if recipe.etrecord else None,
+        etrecord_path=out_dir / f"{stem}.etrecord" if recipe.etrecord != "none" else None,
+        etrecord_weights=recipe.etrecord == "full",
         bundled_io=[(i, None if settings.precision.startswith("int") else o) for i, o in bundled]
         if bundled else None, qnn_soc=recipe.qnn_soc, overwrite=True)
     files = []

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from mobile_sd.exporters.et_etrecord import is_placeholder
 from mobile_sd.parity.metrics import psnr_db
 
 
@@ -43,11 +44,14 @@ def _module_of(node) -> tuple[str, str]:
 def _reference_graph(etrecord, module: torch.nn.Module) -> torch.fx.GraphModule:
     """The ETRecord's pre-partitioning graph with ``module``'s (the reference's) weights."""
     # module() shares its tensors with the ETRecord: load the reference weights into a copy.
+    from mobile_sd.exporters.et_etrecord import restore_weights
+
     gm = copy.deepcopy(etrecord.edge_dialect_program.module())
     missing = set(module.state_dict()) - set(gm.state_dict())
     if missing:
         raise ValueError(f"the ETRecord graph lacks reference parameters such as "
                          f"{sorted(missing)[:3]}; it was not exported from this module")
+    restore_weights(gm, module)   # a graph-only ETRecord holds placeholders
     gm.load_state_dict(module.state_dict(), strict=False)
     return gm
 
@@ -177,6 +181,10 @@ def locate_pte(path: Path, etrecord_path: Path | None, inputs, module, gate_db: 
     del gm
     base = {"gate_min_psnr_db": gate_db, "weights_differ": differ,
             "method": "ETDump debug buffer + ETRecord debug handles"}
+    if any(is_placeholder(t) for t in etrecord.edge_dialect_program.state_dict.values()):
+        base["etrecord_note"] = ("graph-only ETRecord: the export's weights were not compared "
+                                 "and re-lowering uses the reference's, so a departure caused by "
+                                 "the weights themselves is not named; `etrecord: full` keeps them")
     for checked, ((name, _, _), score) in enumerate(
             ((e, s) for e, s in zip(events, scores) if s["psnr_db"] is not None), start=1):
         if score["psnr_db"] >= gate_db:
@@ -220,6 +228,8 @@ def weights_differ(etrecord, module, limit: int = 5) -> list[dict]:
     state, ref = etrecord.edge_dialect_program.state_dict, module.state_dict()
     found = []
     for name, tensor in state.items():
+        if is_placeholder(tensor):     # graph-only ETRecord: the export's weights are not in it
+            continue
         if name in ref and ref[name].shape == tensor.shape and tensor.is_floating_point():
             diff = float((tensor.detach().double() - ref[name].detach().double()).abs().max()
                          if tensor.numel() else 0.0)

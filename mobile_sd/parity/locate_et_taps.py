@@ -32,7 +32,10 @@ def _program(etrecord, module: torch.nn.Module):
     """
     from torch.export.graph_signature import InputKind
 
+    from mobile_sd.exporters.et_etrecord import restore_weights
+
     program = copy.deepcopy(etrecord.exported_program)
+    restore_weights(program, module)   # a graph-only ETRecord holds placeholders
     buffers = dict(module.named_buffers())
     for spec in program.graph_signature.input_specs:
         if (spec.kind == InputKind.BUFFER and spec.persistent is False

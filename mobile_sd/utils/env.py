@@ -69,3 +69,23 @@ def peak_rss_mb() -> float:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # Linux reports KiB, macOS bytes.
     return peak / 2**20 if platform.system() == "Darwin" else peak / 1024
+
+
+def release_freed_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc ``malloc_trim``).
+
+    Between full-size components the freed weights of the previous one otherwise stay in the
+    process (glibc keeps freed chunks below its mmap threshold), and the next lowering's peak
+    adds to them. Elsewhere than glibc this only collects garbage.
+    """
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    if platform.system() == "Linux" and name:
+        try:
+            ctypes.CDLL(name).malloc_trim(0)
+        except (OSError, AttributeError):   # musl and others: no malloc_trim
+            pass
