@@ -143,3 +143,29 @@ def copy_folder(folder: Path, name: str) -> Path:
     target = _TMP / "copies" / name
     shutil.copytree(folder, target)
     return target
+
+
+def edit_onnx_initializer(path: Path, name: str, delta: float = 1.0) -> None:
+    """Add ``delta`` to the first value of initializer ``name`` of the ONNX file ``path``."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    init = next(i for i in model.graph.initializer if i.name == name)
+    value = numpy_helper.to_array(init).copy()
+    value[0] += delta
+    init.CopyFrom(numpy_helper.from_array(value, name))
+    onnx.save(model, str(path))
+
+
+def rehash_in_manifest(folder: Path, component: str, filename: str) -> None:
+    """Record the current sha256 of ``filename`` in the folder's manifest (an edit that passes
+    the integrity check, so parity compares values)."""
+    import json
+
+    from mobile_sd.utils.files import sha256_file
+
+    manifest = json.loads((folder / "manifest.json").read_text())
+    entry = next(f for f in manifest["components"][component]["files"] if f["path"] == filename)
+    entry["sha256"] = sha256_file(folder / filename)
+    (folder / "manifest.json").write_text(json.dumps(manifest))

@@ -19,6 +19,7 @@ from mobile_sd.exporters.executorch import (etdump_op_table, export_pte, run_pte
                                             verify_bundled)
 from mobile_sd.surgery import (xnnpack_geglu, xnnpack_group_norm, xnnpack_layer_norm,
                                xnnpack_upsample)
+from tiny_models import diffusers_tiny_unet
 
 XNNPACK_PASSES = (xnnpack_group_norm, xnnpack_layer_norm, xnnpack_upsample, xnnpack_geglu)
 FP32_ATOL = 1e-4  # XNNPACK fp32 vs eager: different GEMM blocking/summation order only
@@ -62,16 +63,7 @@ class UNetSample(nn.Module):
 
 
 def tiny_unet() -> nn.Module:
-    from diffusers import UNet2DConditionModel
-    from diffusers.models.attention_processor import AttnProcessor
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-        attention_head_dim=4, norm_num_groups=8, sample_size=16).eval()
-    unet.set_attn_processor(AttnProcessor())
+    unet = diffusers_tiny_unet()
     model = UNetSample(unet).eval()
     for p in XNNPACK_PASSES:
         p.apply(model)

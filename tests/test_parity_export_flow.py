@@ -51,25 +51,12 @@ def test_exported_folder_passes(cli, exported, tmp_path, recipe):
 
 
 def test_edited_initializer_in_a_simplified_onnx_export(cli, exported, tmp_path):
-    """onnxsim drops the name-scope metadata: the locator falls back to parameter names."""
-    import onnx
-    from onnx import numpy_helper
-
-    from mobile_sd.utils.files import sha256_file
-
+    """An edited initializer in a simplified export (name scopes restored after onnxsim) is
+    named down to the layer."""
     folder = tmp_path / "edited"
     shutil.copytree(exported("onnx-snapfusion.yaml"), folder)
-    name = "up_blocks.0.resnets.0.conv1.bias"
-    model = onnx.load(str(folder / "unet.onnx"))
-    init = next(i for i in model.graph.initializer if i.name == name)
-    value = numpy_helper.to_array(init).copy()
-    value[0] += 1.0
-    init.CopyFrom(numpy_helper.from_array(value, name))
-    onnx.save(model, str(folder / "unet.onnx"))
-    manifest = json.loads((folder / "manifest.json").read_text())
-    entry = next(f for f in manifest["components"]["unet"]["files"] if f["path"] == "unet.onnx")
-    entry["sha256"] = sha256_file(folder / "unet.onnx")
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    pe.edit_onnx_initializer(folder / "unet.onnx", "up_blocks.0.resnets.0.conv1.bias")
+    pe.rehash_in_manifest(folder, "unet", "unet.onnx")
 
     code, out, _ = parity(cli, folder, tmp_path / "report")
     assert code == 1

@@ -39,25 +39,13 @@ def test_onnx_export_of_a_perturbed_weight_fails_and_names_the_layer(cli, tmp_pa
 def test_onnx_initializer_edited_in_the_file(cli, tmp_path):
     """Edit one initializer of a correct artifact; the sha256 check catches it first, and with
     the manifest's hash updated the locator finds the layer from activations alone."""
-    import onnx
-    from onnx import numpy_helper
-
-    from mobile_sd.utils.files import sha256_file
-
     folder = pe.copy_folder(pe.export_folder("onnx", ("text_encoder", "unet", "decoder")), "edited")
-    name = "up_blocks.0.attentions.0.transformer_blocks.0.ff.net.2.bias"
-    model = onnx.load(str(folder / "unet.onnx"))
-    init = next(i for i in model.graph.initializer if i.name == name)
-    value = numpy_helper.to_array(init).copy()
-    value[0] += 1.0
-    init.CopyFrom(numpy_helper.from_array(value, name))
-    onnx.save(model, str(folder / "unet.onnx"))
+    pe.edit_onnx_initializer(folder / "unet.onnx",
+                             "up_blocks.0.attentions.0.transformer_blocks.0.ff.net.2.bias")
     code, _, err = parity(cli, folder, tmp_path / "first")
     assert code == 2 and "unet.onnx: sha256" in err
 
-    manifest = json.loads((folder / "manifest.json").read_text())
-    manifest["components"]["unet"]["files"][0]["sha256"] = sha256_file(folder / "unet.onnx")
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    pe.rehash_in_manifest(folder, "unet", "unet.onnx")
     code, out, _ = parity(cli, folder, tmp_path / "second")
     assert code == 1
     loc = _locator(tmp_path / "second", "unet")

@@ -9,6 +9,7 @@ from torch import nn
 
 from mobile_sd.surgery import (xnnpack_geglu, xnnpack_group_norm, xnnpack_layer_norm,
                                xnnpack_upsample)
+from tiny_models import diffusers_tiny_unet
 
 PASSES = (xnnpack_group_norm, xnnpack_layer_norm, xnnpack_upsample, xnnpack_geglu)
 ATOL = 1e-5  # fp32 re-association of mean/variance; the rewrites are exact in exact arithmetic
@@ -29,20 +30,6 @@ def _max_err(original: nn.Module, pass_module, *inputs) -> tuple[float, int]:
     with torch.no_grad():
         err = (rewritten(*inputs) - original(*inputs)).abs().max().item()
     return err, count
-
-
-def tiny_unet() -> nn.Module:
-    from diffusers import UNet2DConditionModel
-    from diffusers.models.attention_processor import AttnProcessor
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-        attention_head_dim=4, norm_num_groups=8, sample_size=16).eval()
-    unet.set_attn_processor(AttnProcessor())
-    return unet
 
 
 @pytest.mark.parametrize("shape", [(2, 32, 9, 7), (1, 32, 50)])
@@ -85,7 +72,7 @@ def test_geglu_matches():
 
 
 def test_passes_on_tiny_unet_preserve_numerics_and_state_dict():
-    unet = _randomize(tiny_unet(), seed=1)
+    unet = _randomize(diffusers_tiny_unet(), seed=1)
     rewritten = copy.deepcopy(unet)
     counts = {p.__name__.rsplit(".", 1)[-1]: p.apply(rewritten) for p in PASSES}
     assert counts == {"xnnpack_group_norm": 21, "xnnpack_layer_norm": 12,

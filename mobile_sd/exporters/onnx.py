@@ -76,7 +76,23 @@ def _simplify(proto, notes: list[str]):
     if not ok:
         notes.append("onnxsim could not validate the simplified model; kept the original")
         return proto, False
+    _restore_metadata(proto, simplified)
     return simplified, True
+
+
+def _restore_metadata(original, simplified) -> None:
+    """Give simplified nodes back the metadata onnxsim drops (torch's module name scopes, which
+    the parity locator uses to name a diverging module), matched by node name, else by output."""
+    by_name = {n.name: n.metadata_props for n in original.graph.node if n.metadata_props}
+    by_output = {o: n.metadata_props for n in original.graph.node if n.metadata_props
+                 for o in n.output}
+    for node in simplified.graph.node:
+        if node.metadata_props:
+            continue
+        props = by_name.get(node.name) or next(
+            (by_output[o] for o in node.output if o in by_output), None)
+        if props is not None:
+            node.metadata_props.extend(props)
 
 
 def _to_fp16(proto):

@@ -4,9 +4,10 @@ The dynamo exporter (``torch.onnx.export(..., dynamo=True)``) writes each node's
 into its ``pkg.torch.onnx.name_scopes`` metadata, e.g.
 ``['', 'down_blocks.0', 'down_blocks.0.resnets.0', 'down_blocks.0.resnets.0.conv1', 'conv2d_1']``
 (module paths, then the node's own name). A module's value is the output of the *last* node in
-its scope whose shape equals the eager module output's shape. onnxsim drops that metadata; a
-simplified graph is then searched by parameter names instead (a node reading
-``<module>.weight``/``.bias`` belongs to that leaf module), leaves only.
+its scope whose shape equals the eager module output's shape. onnxsim drops that metadata
+(mobile-sd's exporter puts it back on the nodes onnxsim kept); a graph without any is searched
+by parameter names instead (a node reading ``<module>.weight``/``.bias`` belongs to that leaf
+module), leaves only.
 
 Weights may live in external data files: the model is loaded without them, the extra outputs
 are added, and the copy is saved in a temp folder with links to the original data files, so a
@@ -71,7 +72,7 @@ class OnnxValues:
         self.feed = {n: t.numpy() for n, t in zip(input_names, inputs)}
 
     def _scopes_from_parameters(self, graph) -> None:
-        """Without scope metadata (onnxsim drops it), a node that reads ``<module>.weight`` or
+        """Without scope metadata (e.g. another tool's simplified file), a node that reads ``<module>.weight`` or
         ``<module>.bias`` belongs to that (leaf) module: only leaves can be located then."""
         params = {init.name for init in graph.initializer}
         readers: dict[str, int] = {}
