@@ -353,8 +353,15 @@ def test_recipe_errors_before_work(tmp_path):
 
 def test_layer_sensitivity_ranks_candidates():
     samples = [(torch.randn(1, 4, 8, 8),) for _ in range(2)]
-    ranking = layer_sensitivity(Small(), SMALL_IN, samples, ["conv", "linear"])
+    model = Small().eval()
+    with torch.no_grad():
+        before = [t.clone() for t in model(*SMALL_IN)]
+    ranking = layer_sensitivity(model, SMALL_IN, samples, ["conv", "linear"])
     names = [name for name, _ in ranking]
     assert sorted(names) == ["<all int8>", "conv", "linear"]
     assert all(isinstance(db, float) for _, db in ranking)
     assert ranking == sorted(ranking, key=lambda item: item[1], reverse=True)
+    # Each candidate is scored on a fresh export sharing the module's weights: none changes.
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(model(*SMALL_IN), before))
+    assert layer_sensitivity(model, SMALL_IN, samples, ["conv", "linear"]) == ranking

@@ -15,7 +15,6 @@
 """
 from __future__ import annotations
 
-import copy
 import math
 from typing import Callable, Iterable, Sequence
 
@@ -23,6 +22,7 @@ import torch
 from torch import nn
 
 from mobile_sd.errors import CalibrationError, InvalidArgumentError
+from mobile_sd.utils.env import release_freed_memory
 
 
 def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
@@ -217,14 +217,21 @@ def layer_sensitivity(module: nn.Module, example_inputs: tuple, calibration: Seq
     eval_inputs = list(eval_inputs) if eval_inputs is not None else calibration
     gm = _graph_module(module, example_inputs)
     _check_names(gm, candidates)
+    everything = _all_module_paths(gm) if mode == "quantize_only" else set()
+    del gm
     with torch.no_grad():
         refs = [_first_output(module(*x)) for x in eval_inputs]
 
     def score(fallback: list[str]) -> float:
-        ep = quantize_pt2e_static(copy.deepcopy(gm), example_inputs, calibration, fallback)
+        # A fresh export of ``module`` per candidate shares its weights (a deep copy would add
+        # 2.9 GB per scoring at full size); the quantized program is freed before the next
+        # one: graph modules hold reference cycles, which Python frees only when gc runs.
+        ep = quantize_pt2e_static(module, example_inputs, calibration, fallback)
         q = ep.module()
         with torch.no_grad():
             outs = [_first_output(q(*x)) for x in eval_inputs]
+        del ep, q
+        release_freed_memory()
         return sqnr_db(torch.cat([r.flatten() for r in refs]),
                        torch.cat([o.flatten() for o in outs]))
 
@@ -234,7 +241,6 @@ def layer_sensitivity(module: nn.Module, example_inputs: tuple, calibration: Seq
         for name in candidates:
             results.append((name, score([name])))
     else:
-        everything = _all_module_paths(gm)
         for name in candidates:
             results.append((name, score(_complement(everything, name))))
     results.sort(key=lambda item: item[1], reverse=True)
