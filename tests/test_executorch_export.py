@@ -365,3 +365,14 @@ def test_layer_sensitivity_ranks_candidates():
     with torch.no_grad():
         assert all(torch.equal(a, b) for a, b in zip(model(*SMALL_IN), before))
     assert layer_sensitivity(model, SMALL_IN, samples, ["conv", "linear"]) == ranking
+
+
+def test_fp32_fallback_keeps_only_layers_that_beat_all_int8():
+    from mobile_sd.exporters.executorch_flow import choose_fallback
+
+    measured = [("unet.conv_out", 24.0), ("<all int8>", 21.5), ("unet.conv_in", 21.4),
+                ("unet.time_embedding.linear_1", 20.0)]
+    assert choose_fallback(measured, 2) == ["unet.conv_out"]   # conv_in is no better than none
+    assert choose_fallback(measured, 0) == []
+    ahead = [("a", 30.0), ("b", 29.0), ("c", 28.0), ("<all int8>", 20.0)]
+    assert choose_fallback(ahead, 2) == ["a", "b"]

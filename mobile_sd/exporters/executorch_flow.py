@@ -46,8 +46,16 @@ def _fallback(comp: ExportComponent, settings: ResolvedComponent, recipe: Recipe
     measured = []
     if keep and candidates:
         measured = layer_sensitivity(comp.module, comp.example_inputs(), calibration[:4], candidates)
-    chosen = [name for name, _ in measured[:keep]]
+    chosen = choose_fallback(measured, keep)
     return list(settings.fp32_fallback) + [n for n in chosen if n not in settings.fp32_fallback], measured
+
+
+def choose_fallback(measured: list[tuple[str, float]], keep: int) -> list[str]:
+    """Up to ``keep`` layers from ``layer_sensitivity`` (keep_fp32 mode, best SQNR first) whose
+    fp32 fallback measurably beats all-int8 (its ``<all int8>`` baseline row): keeping a layer
+    in fp32 that does not raise the output SQNR only costs speed."""
+    baseline = dict(measured).get("<all int8>", float("-inf"))
+    return [name for name, sqnr in measured if not name.startswith("<") and sqnr > baseline][:keep]
 
 
 def export_component(comp: ExportComponent, settings: ResolvedComponent, recipe: Recipe,
