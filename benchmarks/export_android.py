@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 
 import _common  # noqa: F401  (sets sys.path)
-from _common import ROOT, timed_export, write_results
+from _common import RESULTS, ROOT, git_sha, provenance, timed_export, write_results
 
 RUNS = {"fp32": ("android-snapfusion-xnnpack-fp32", "android"),
         "int8": ("android-snapfusion-xnnpack-int8", "android-int8"),
@@ -48,34 +48,54 @@ def summarize(kind: str, run: dict) -> dict:
     return row
 
 
+def previous_rows(runs: list[str]) -> list[dict]:
+    """Rows of earlier runs of the recipes not rerun now (each row carries its date and sha)."""
+    path = RESULTS / "export_android.json"
+    if not path.is_file():
+        return []
+    return [r for r in json.loads(path.read_text())["rows"] if r["run"] not in runs]
+
+
+COLUMNS = [("run", "run"), ("wall_s", "wall s"), ("cpu_s", "CPU s"),
+           ("peak_rss_gb", "peak RSS GB"), ("bar", "bar (<=600 s, <=12 GB)"),
+           ("text_encoder_mb", "text enc MB"), ("unet_mb", "UNet MB"), ("decoder_mb", "decoder MB"),
+           ("unet_s", "UNet export s"), ("unet_partitions", "UNet partitions"),
+           ("etrecord_mb", "ETRecords MB"), ("load_before", "load before"),
+           ("load_after", "load after"), ("date", "date"), ("git_sha", "git")]
+
+
+def write(rows: list[dict], spec: str) -> None:
+    order = {kind: i for i, kind in enumerate(RUNS)}
+    rows = sorted(rows, key=lambda r: order[r["run"]])
+    write_results("export_android", rows, COLUMNS,
+                  f"ExecuTorch / ONNX export, full-size {spec} (seeded random weights)", [
+                      "fp32 = `make export-android` (XNNPACK fp32, CFG folded, weights in .ptd, "
+                      ".bpte with reference I/O, graph-only ETRecords).",
+                      "int8 = static PT2E int8 calibrated on the reference pipeline (2 prompts x "
+                      "8 steps, CFG folded), measured fp32 fallback; text encoder int8 dynamic. "
+                      "onnx = fp32 ONNX (onnxsim skipped for the 2.9 GB UNet: over protobuf's "
+                      "2 GB limit).",
+                      "Sizes are what a device loads: program + weights (.pte + .ptd, .onnx + "
+                      "external data); .bpte and ETRecords are for verification and profiling.",
+                      "Each row carries the date and git sha of its own run (rerun one recipe "
+                      "with --recipes; the other rows are kept).",
+                      "Commands: " + "; ".join(f"`{r['command']}`" for r in rows)])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--spec", default="snapfusion")
     p.add_argument("--recipes", nargs="+", default=list(RUNS), choices=list(RUNS))
     args = p.parse_args()
-    rows = []
+    rows = previous_rows(args.recipes)
     for kind in args.recipes:
         recipe, folder = RUNS[kind]
         run = timed_export(ROOT / "export_recipes" / f"{recipe}.yaml", args.spec,
                            ROOT / "artifacts" / folder)
-        rows.append(summarize(kind, run))
+        rows.append({**summarize(kind, run), "date": provenance()["date"],
+                     "git_sha": str(git_sha(ROOT))[:10]})
         print(json.dumps(rows[-1]), flush=True)
-    columns = [("run", "run"), ("wall_s", "wall s"), ("cpu_s", "CPU s"),
-               ("peak_rss_gb", "peak RSS GB"), ("bar", "bar (<=600 s, <=12 GB)"),
-               ("text_encoder_mb", "text enc MB"), ("unet_mb", "UNet MB"),
-               ("decoder_mb", "decoder MB"), ("unet_s", "UNet export s"),
-               ("unet_partitions", "UNet partitions"), ("etrecord_mb", "ETRecords MB"),
-               ("load_before", "load before"), ("load_after", "load after")]
-    write_results("export_android", rows, columns,
-                  f"ExecuTorch / ONNX export, full-size {args.spec} (seeded random weights)", [
-                      "fp32 = `make export-android` (XNNPACK fp32, CFG folded, weights in .ptd, "
-                      ".bpte with reference I/O, graph-only ETRecords).",
-                      "int8 = static PT2E int8 calibrated on the reference pipeline (3 prompts x "
-                      "8 steps x both CFG branches), measured fp32 fallback; text encoder int8 "
-                      "dynamic. onnx = fp32 ONNX, simplified.",
-                      "Sizes are what a device loads: program + weights (.pte + .ptd, .onnx + "
-                      "external data); .bpte and ETRecords are for verification and profiling.",
-                      "Commands: " + "; ".join(f"`{r['command']}`" for r in rows)])
+        write(rows, args.spec)   # after each run: a later failure keeps the earlier rows
 
 
 if __name__ == "__main__":

@@ -66,10 +66,21 @@ def _check_names(proto, input_names: Sequence[str], output_names: Sequence[str])
                           f" -> {list(output_names)}: give one name per tensor input/output")
 
 
+def _over_protobuf_limit(proto) -> bool:
+    """True when the model cannot be serialized in one protobuf (``ByteSize`` itself raises
+    EncodeError past 2 GB, e.g. the 2.9 GB fp32 UNet)."""
+    from google.protobuf.message import EncodeError
+
+    try:
+        return proto.ByteSize() > PROTOBUF_LIMIT
+    except EncodeError:
+        return True
+
+
 def _simplify(proto, notes: list[str]):
     import onnxsim
 
-    if proto.ByteSize() > PROTOBUF_LIMIT:
+    if _over_protobuf_limit(proto):
         notes.append("onnxsim skipped: the model is over protobuf's 2 GB limit")
         return proto, False
     simplified, ok = onnxsim.simplify(proto)
