@@ -1,5 +1,8 @@
-"""ANE lint checks E1-E10 (precision, shapes, ops, weights, layout, attention): each yields :class:`~mobile_sd.exporters.ane_rules.Finding` for
-the ops of a MIL graph matching one rule of :data:`~mobile_sd.exporters.ane_rules.RULES`."""
+"""ANE lint checks E1-E10 (precision, shapes, ops, weights, layout, attention).
+
+Each check yields :class:`~mobile_sd.exporters.ane_rules.Finding` for the ops of a MIL graph
+matching one rule of :data:`~mobile_sd.exporters.ane_rules.RULES`.
+"""
 from __future__ import annotations
 
 from collections import deque

@@ -1,5 +1,8 @@
-"""ANE lint checks E12-E14, C1-C6, N1 (compression, pooling/resize, ints, norms): each yields :class:`~mobile_sd.exporters.ane_rules.Finding` for
-the ops of a MIL graph matching one rule of :data:`~mobile_sd.exporters.ane_rules.RULES`."""
+"""ANE lint checks E12-E14, C1-C6, N1 (compression, pooling/resize, ints, norms).
+
+Each check yields :class:`~mobile_sd.exporters.ane_rules.Finding` for the ops of a MIL graph
+matching one rule of :data:`~mobile_sd.exporters.ane_rules.RULES`.
+"""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Iterator

@@ -4,8 +4,8 @@ An ETRecord holds the ATen and Edge programs with their weights: for the full-si
 is two 2.9 GB copies (a 5.8 GB file) and, while it is serialized, as much again in memory - the
 reason ``make export-android`` went past 12 GB. Mapping ETDump events to ops and to eager module
 names (the per-op table of ``mobile-sd bench``, the parity locator) needs the graphs and debug
-handles only, so ``etrecord: graph`` (the default) replaces every weight by a zero-stride placeholder of
-the same shape and dtype (one element of storage). ``etrecord: full`` keeps them: needed only
+handles only, so ``etrecord: graph`` (the default) replaces every weight by a zero-stride
+placeholder of the same shape and dtype (one element of storage). ``etrecord: full`` keeps them: needed only
 for the Inspector's numeric-gap tools, which re-run the ATen program.
 
 ``graph`` records are built without ever copying the weights (:class:`LeanRecording`): the stock
