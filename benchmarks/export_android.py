@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
+from datetime import datetime, timezone
 from pathlib import Path
 
 import _common  # noqa: F401  (sets sys.path)
-from _common import RESULTS, ROOT, git_sha, provenance, timed_export, write_results
+from _common import RESULTS, ROOT, git_sha, timed_export, write_results
 
 RUNS = {"fp32": ("android-snapfusion-xnnpack-fp32", "android"),
         "int8": ("android-snapfusion-xnnpack-int8", "android-int8"),
@@ -92,8 +93,8 @@ def main() -> None:
         recipe, folder = RUNS[kind]
         run = timed_export(ROOT / "export_recipes" / f"{recipe}.yaml", args.spec,
                            ROOT / "artifacts" / folder)
-        rows.append({**summarize(kind, run), "date": provenance()["date"],
-                     "git_sha": str(git_sha(ROOT))[:10]})
+        rows.append({**summarize(kind, run), "git_sha": str(git_sha(ROOT))[:10],
+                     "date": datetime.now(timezone.utc).isoformat(timespec="seconds")})
         print(json.dumps(rows[-1]), flush=True)
         write(rows, args.spec)   # after each run: a later failure keeps the earlier rows
 

@@ -5,8 +5,8 @@ is two 2.9 GB copies (a 5.8 GB file) and, while it is serialized, as much again 
 reason ``make export-android`` went past 12 GB. Mapping ETDump events to ops and to eager module
 names (the per-op table of ``mobile-sd bench``, the parity locator) needs the graphs and debug
 handles only, so ``etrecord: graph`` (the default) replaces every weight by a zero-stride
-placeholder of the same shape and dtype (one element of storage). ``etrecord: full`` keeps them: needed only
-for the Inspector's numeric-gap tools, which re-run the ATen program.
+placeholder of the same shape and dtype (one element of storage). ``etrecord: full`` keeps
+them: needed only for the Inspector's numeric-gap tools, which re-run the ATen program.
 
 ``graph`` records are built without ever copying the weights (:class:`LeanRecording`): the stock
 ``generate_etrecord`` deep-copies the Edge program, weights included, before lowering: 2.9 GB
@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-ETRECORD_MODES = ("none", "graph", "full")
 # Lifted constants (attention masks, resize kernels) smaller than this stay: they belong to the
 # architecture, not to the trained weights. Parameters and buffers always go.
 MIN_STRIPPED_CONSTANT = 4096

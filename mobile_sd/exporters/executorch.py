@@ -14,7 +14,6 @@ Flow (stack.md): ``torch.export.export`` -> optional quantization -> ``to_edge_t
 from __future__ import annotations
 
 import dataclasses
-import gc
 import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -25,6 +24,7 @@ from torch import nn
 from mobile_sd.errors import CalibrationError, InvalidArgumentError
 from mobile_sd.exporters.et_bundled import verify_bundled  # noqa: F401  (public API)
 from mobile_sd.exporters.et_runtime import etdump_op_table, run_pte  # noqa: F401  (public API)
+from mobile_sd.utils.env import release_freed_memory
 
 
 @dataclasses.dataclass
@@ -215,7 +215,7 @@ def export_pte(module: nn.Module, example_inputs: tuple, out_path: str | Path, *
             # Drop the lowered program (it holds the delegate's copy of the weights) before
             # serializing the record: a full one needs as much memory again for a moment.
             del program, edge, ep
-            gc.collect()
+            release_freed_memory()
             save_etrecord(record, stage.path("etrecord"), mode)
     final = stage.destinations
     return ExportResult(

@@ -1,6 +1,7 @@
 """Facts about the machine and tool versions, recorded in every manifest and benchmark."""
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import os
 import platform
@@ -78,14 +79,22 @@ def release_freed_memory() -> None:
     process (glibc keeps freed chunks below its mmap threshold), and the next lowering's peak
     adds to them. Elsewhere than glibc this only collects garbage.
     """
-    import ctypes
-    import ctypes.util
     import gc
 
     gc.collect()
-    name = ctypes.util.find_library("c")
-    if platform.system() == "Linux" and name:
-        try:
-            ctypes.CDLL(name).malloc_trim(0)
-        except (OSError, AttributeError):   # musl and others: no malloc_trim
-            pass
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or None (looked up once: ``find_library`` runs ldconfig)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c") if platform.system() == "Linux" else None
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):   # musl and others: no malloc_trim
+        return None
