@@ -101,11 +101,11 @@ def _bar(component: str, runtime: str, speedup: float) -> str | None:
 
 
 def stats(times: list[float]) -> dict:
-    import numpy as np
+    """The median / p90 / min of the shared bench summary (``mobile_sd.bench.stats``)."""
+    from mobile_sd.bench.stats import summarize
 
-    t = np.asarray(times)
-    return {"median_ms": float(np.median(t)), "p90_ms": float(np.percentile(t, 90)),
-            "min_ms": float(t.min())}
+    summary = summarize(times)
+    return {k: summary[k] for k in ("median_ms", "p90_ms", "min_ms")}
 
 
 def main() -> None:
