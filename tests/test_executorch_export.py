@@ -195,10 +195,12 @@ def test_int8_static_resup_sqnr(tmp_path):
     got = torch.cat([run_pte(result.pte_path, x)[0].flatten() for x in evals])
     want = torch.cat([_eager(model, x)[0].flatten() for x in evals])
     assert sqnr_db(want, got) >= RESUP_INT8_SQNR_FLOOR_DB
-    # The upsample's depthwise transposed conv stays fp32 and still delegates: one partition
-    # apart from the timestep sinusoid's constant setup.
+    # The upsample is folded into its conv (one transposed conv) and delegates with int8
+    # weights like the other 4 convs: 5 convs + 3 linears have per-channel int8 weights.
+    delegated = result.delegation["delegated_by_op"]
     assert not {"aten_convolution_default"} & set(result.delegation["portable_ops"])
-    assert any("quantize" in op for op in result.delegation["delegated_by_op"])
+    assert delegated["aten_convolution_default"] == 5
+    assert delegated["quantized_decomposed_dequantize_per_channel_default"] == 5 + 3
 
 
 @pytest.mark.slow

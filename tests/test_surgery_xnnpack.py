@@ -63,6 +63,34 @@ def test_upsample_matches(use_conv):
     assert rewritten.state_dict().keys() == up.state_dict().keys()
 
 
+@pytest.mark.parametrize("kernel_size,padding,folded", [(3, 1, True), (5, 2, False)])
+def test_upsample_conv_fold_or_depthwise(kernel_size, padding, folded):
+    from diffusers.models.upsampling import Upsample2D
+
+    up = _randomize(Upsample2D(8, use_conv=True, out_channels=12, kernel_size=kernel_size,
+                               padding=padding)).eval()
+    x = torch.randn(2, 8, 5, 6) * 2
+    rewritten = copy.deepcopy(up)
+    assert xnnpack_upsample.apply(rewritten) == 1
+    # 3x3 / pad 1 folds into one 4x4 stride-2 transposed conv; anything else keeps the conv
+    # after a depthwise nearest kernel.
+    assert isinstance(rewritten.conv, xnnpack_upsample._FoldedUpsampleConv) is folded
+    with torch.no_grad():
+        got, want = rewritten(x), up(x)
+    assert got.shape == want.shape == (2, 12, 10, 12)
+    assert (got - want).abs().max().item() <= ATOL * max(1.0, want.abs().max().item())
+
+
+def test_folded_kernel_is_upsample_then_conv():
+    import torch.nn.functional as F
+
+    weight = torch.randn(6, 4, 3, 3, dtype=torch.float64)
+    x = torch.randn(1, 4, 3, 4, dtype=torch.float64)
+    want = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), weight, padding=1)
+    got = F.conv_transpose2d(x, xnnpack_upsample.folded_kernel(weight), stride=2, padding=1)
+    assert torch.allclose(got, want, atol=1e-12)
+
+
 def test_geglu_matches():
     from diffusers.models.activations import GEGLU
 
