@@ -73,7 +73,7 @@ def _make_class(base: type[nn.Module]) -> type[nn.Module]:
             h, w = hidden_states.shape[-2:]
             if output_size is not None and tuple(output_size) != (2 * h, 2 * w):
                 return self._resize_then_conv(hidden_states, tuple(output_size))
-            conv = _conv_of(self)
+            conv = upsample_conv(self)
             if isinstance(conv, _FoldedUpsampleConv):
                 return conv(hidden_states)
             kernel = self._nearest_kernel.to(hidden_states.dtype)
@@ -85,7 +85,7 @@ def _make_class(base: type[nn.Module]) -> type[nn.Module]:
             # Any other output size: what diffusers does for a rewritable Upsample2D (no norm,
             # no learned transposed conv), with the conv run as a plain conv.
             hidden_states = F.interpolate(hidden_states, size=output_size, mode="nearest")
-            conv = _conv_of(self)
+            conv = upsample_conv(self)
             return nn.Conv2d.forward(conv, hidden_states) if conv is not None else hidden_states
 
     return XnnpackUpsample2D
@@ -94,7 +94,8 @@ def _make_class(base: type[nn.Module]) -> type[nn.Module]:
 _CLASSES: dict[type, type] = {}
 
 
-def _conv_of(upsample: nn.Module) -> nn.Conv2d | None:
+def upsample_conv(upsample: nn.Module) -> nn.Conv2d | None:
+    """The conv of a diffusers ``Upsample2D`` (None when it has none)."""
     return upsample.conv if upsample.name == "conv" else upsample.Conv2d_0
 
 
@@ -105,15 +106,16 @@ def _rewritable(module: nn.Module, upsample_cls: type) -> bool:
             and not module.use_conv_transpose and module.norm is None)
 
 
-def _foldable(conv: nn.Module | None) -> bool:
+def is_foldable(conv: nn.Module | None) -> bool:
+    """Whether the fold applies: a plain 3x3, stride 1, padding 1 conv (zeros padding)."""
     return (type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
             and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
             and conv.padding_mode == "zeros")
 
 
 def _rewrite(sub: nn.Module, new_cls: type) -> None:
-    conv = _conv_of(sub)
-    if _foldable(conv):
+    conv = upsample_conv(sub)
+    if is_foldable(conv):
         conv.register_buffer("_folded_weight", folded_kernel(conv.weight), persistent=False)
         conv.__class__ = _FoldedUpsampleConv
     else:
