@@ -53,9 +53,12 @@ def test_upsample_matches(use_conv):
     from diffusers.models.upsampling import Upsample2D
 
     up = _randomize(Upsample2D(16, use_conv=use_conv)).eval()
-    x = torch.randn(2, 16, 5, 6)
+    x = torch.randn(2, 16, 5, 6, generator=torch.Generator().manual_seed(0))
     err, count = _max_err(up, xnnpack_upsample, x)
-    assert count == 1 and err <= ATOL
+    with torch.no_grad():
+        scale = max(1.0, up(x).abs().max().item())
+    # The fold sums weights before multiplying: rounding relative to the output's scale.
+    assert count == 1 and err <= ATOL * scale
     rewritten = copy.deepcopy(up)
     xnnpack_upsample.apply(rewritten)
     # An explicit non-2x output size falls back to diffusers' own interpolate.
@@ -119,3 +122,16 @@ def test_pass_flags():
         assert p.preserves_numerics is True
         assert isinstance(p.applies_to, tuple) and p.applies_to
         assert p.__doc__ and "Before" in p.__doc__ and "After" in p.__doc__
+
+
+def test_folded_upsample_weight_is_a_plain_constant_in_the_exported_unet():
+    """PT2E int8 quantizes a conv weight only if it is a constant of the graph: a cast in front
+    of it (an earlier ``.to(dtype)``) left the full-size UNet's folded upsamples in fp32."""
+    unet = diffusers_tiny_unet().eval()
+    for p in PASSES:
+        p.apply(unet)
+    inputs = (torch.randn(1, 4, 16, 16), torch.tensor([500.0]), torch.randn(1, 77, 32))
+    graph = torch.export.export(unet, inputs).graph
+    weights = [n.args[1] for n in graph.nodes
+               if n.target is torch.ops.aten.conv_transpose2d.input]
+    assert len(weights) == 1 and all(w.op == "placeholder" for w in weights)

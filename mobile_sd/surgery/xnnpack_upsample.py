@@ -56,8 +56,10 @@ class _FoldedUpsampleConv(nn.Conv2d):
     """The conv of an ``Upsample2D``, called on the *un-upsampled* input: it upsamples too."""
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return F.conv_transpose2d(hidden_states, self._folded_weight.to(hidden_states.dtype),
-                                  self.bias, stride=2, padding=1)
+        # The buffer as is (no .to(dtype)): a cast node between it and the conv would make the
+        # weight a computed tensor, which PT2E int8 leaves unquantized. Buffers follow .half().
+        return F.conv_transpose2d(hidden_states, self._folded_weight, self.bias, stride=2,
+                                  padding=1)
 
 
 def _upsample_class() -> type[nn.Module]:
@@ -76,8 +78,7 @@ def _make_class(base: type[nn.Module]) -> type[nn.Module]:
             conv = upsample_conv(self)
             if isinstance(conv, _FoldedUpsampleConv):
                 return conv(hidden_states)
-            kernel = self._nearest_kernel.to(hidden_states.dtype)
-            hidden_states = F.conv_transpose2d(hidden_states, kernel, stride=2,
+            hidden_states = F.conv_transpose2d(hidden_states, self._nearest_kernel, stride=2,
                                                groups=hidden_states.shape[1])
             return conv(hidden_states) if conv is not None else hidden_states
 
