@@ -268,6 +268,44 @@ def test_separate_weights_ptd(tmp_path):
     assert verify_bundled(result.bpte_path)["passed"]
 
 
+def _ptd_keys(path) -> dict[str, int]:
+    from executorch.extension.flat_tensor.serialize.serialize import _deserialize_to_flat_tensor
+
+    flat = _deserialize_to_flat_tensor(open(path, "rb").read())
+    return {n.key: flat.segments[n.segment_index].size for n in flat.named_data}
+
+
+def test_int8_ships_no_unread_fp32_buffers(tmp_path):
+    # PT2E replaces the folded upsample kernel (a buffer) by an int8 copy; the fp32 buffer is
+    # then unread, and ExecuTorch only drops unread *parameters*: it used to go into the .ptd.
+    model, evals = tiny_resup(), resup_samples(1, seed=2)
+    result = export_pte(model, evals[0], tmp_path / "r.pte", precision="int8",
+                        calibration=resup_samples(4, seed=1), separate_weights=True)
+    assert not [k for k in _ptd_keys(result.ptd_path) if "_folded_weight" in k]
+    assert any("upsample.conv._folded_weight" in note for note in result.notes)
+
+
+def test_drop_unused_constants_keeps_what_is_read():
+    from mobile_sd.exporters.et_precision import drop_unused_constants
+
+    class Dead(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+            self.register_buffer("kernel", torch.randn(4, 4, 4, 4), persistent=False)
+            self.register_buffer("unread", torch.randn(3))
+            self.register_buffer("unread_np", torch.randn(3), persistent=False)
+
+        def forward(self, x):
+            return F.conv_transpose2d(x, self.kernel, self.conv.bias, stride=2, padding=1)
+
+    model, x = Dead().eval(), torch.randn(1, 4, 5, 5)
+    ep = torch.export.export(model, (x,))
+    assert drop_unused_constants(ep) == ["unread", "unread_np"]  # conv.weight: dropped, unreported
+    assert sorted(ep.state_dict) == ["conv.bias"] and list(ep.constants) == ["kernel"]
+    assert torch.equal(ep.module()(x), model(x))
+
+
 def test_fp16_keeps_fp32_io(tmp_path):
     result = export_pte(Small(), SMALL_IN, tmp_path / "half.pte", precision="fp16")
     out = run_pte(result.pte_path, SMALL_IN)

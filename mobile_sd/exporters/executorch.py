@@ -91,6 +91,10 @@ def _program(module, example_inputs, backend, precision, calibration, fp32_fallb
         return None, []
     ep, notes = et_precision.exported_for(module, example_inputs, backend, precision,
                                          calibration, fp32_fallback, input_names)
+    dropped = et_precision.drop_unused_constants(ep)
+    if dropped:
+        notes.append(f"{len(dropped)} buffers no op reads were left out of the program "
+                     f"(e.g. {', '.join(dropped[:3])})")
     if separate_weights:
         ep = et_precision.tag_weights_external(ep, example_inputs, tag)
     return ep, notes

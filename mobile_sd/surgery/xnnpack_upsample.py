@@ -56,8 +56,8 @@ class _FoldedUpsampleConv(nn.Conv2d):
     """The conv of an ``Upsample2D``, called on the *un-upsampled* input: it upsamples too."""
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        # The buffer as is (no .to(dtype)): a cast node between it and the conv would make the
-        # weight a computed tensor, which PT2E int8 leaves unquantized. Buffers follow .half().
+        # The buffer as is: buffers follow .half() / .to() with the module, and a cast here
+        # would only add a node in front of the weight.
         return F.conv_transpose2d(hidden_states, self._folded_weight, self.bias, stride=2,
                                   padding=1)
 
