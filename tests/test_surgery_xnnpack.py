@@ -74,6 +74,7 @@ def test_upsample_conv_fold_or_depthwise(kernel_size, padding, folded):
                                padding=padding)).eval()
     x = torch.randn(2, 8, 5, 6) * 2
     rewritten = copy.deepcopy(up)
+    assert len(xnnpack_upsample.foldable_convs(rewritten)) == int(folded)
     assert xnnpack_upsample.apply(rewritten) == 1
     # 3x3 / pad 1 folds into one 4x4 stride-2 transposed conv; anything else keeps the conv
     # after a depthwise nearest kernel.
@@ -122,4 +123,3 @@ def test_pass_flags():
         assert p.preserves_numerics is True
         assert isinstance(p.applies_to, tuple) and p.applies_to
         assert p.__doc__ and "Before" in p.__doc__ and "After" in p.__doc__
-

@@ -22,9 +22,10 @@ portable kernels between two delegated convs, costing a partition break and NHWC
    Equal up to float rounding of the summed weights (~1e-6 relative).
 2. **Depthwise** (any other ``Upsample2D``): the nearest step alone as a depthwise transposed
    conv with a 2x2 kernel of ones, stride 2 (``conv_transpose2d(x, ones[C,1,2,2], groups=C)``);
-   bit-exact. Measured on executorch 1.5.1 x86, this
-   depthwise deconvolution is slow (1.3 s of the full-size decoder's 3.4 s at 512x512), which is
-   why the fold comes first; grouped transposed convs also stay fp32 under int8.
+   bit-exact. Measured on executorch 1.5.1 x86, this depthwise deconvolution is slow (1.3 s of
+   the full-size decoder's 3.4 s at 512x512), which is why the fold comes first; grouped
+   transposed convs also stay fp32 under int8. (At 640-1280 channels in fp32 the folded
+   deconvolution measured slower than conv + depthwise on x86: docs/executorch.md.)
 
 Both keep ``state_dict`` keys: the extra kernels are non-persistent buffers, and the folded
 kernel lives on the conv module itself, so its module path (``...upsamplers.0.conv``) still
@@ -75,7 +76,7 @@ def _make_class(base: type[nn.Module]) -> type[nn.Module]:
             h, w = hidden_states.shape[-2:]
             if output_size is not None and tuple(output_size) != (2 * h, 2 * w):
                 return self._resize_then_conv(hidden_states, tuple(output_size))
-            conv = upsample_conv(self)
+            conv = _conv_of(self)
             if isinstance(conv, _FoldedUpsampleConv):
                 return conv(hidden_states)
             hidden_states = F.conv_transpose2d(hidden_states, self._nearest_kernel, stride=2,
@@ -86,7 +87,7 @@ def _make_class(base: type[nn.Module]) -> type[nn.Module]:
             # Any other output size: what diffusers does for a rewritable Upsample2D (no norm,
             # no learned transposed conv), with the conv run as a plain conv.
             hidden_states = F.interpolate(hidden_states, size=output_size, mode="nearest")
-            conv = upsample_conv(self)
+            conv = _conv_of(self)
             return nn.Conv2d.forward(conv, hidden_states) if conv is not None else hidden_states
 
     return XnnpackUpsample2D
@@ -95,7 +96,7 @@ def _make_class(base: type[nn.Module]) -> type[nn.Module]:
 _CLASSES: dict[type, type] = {}
 
 
-def upsample_conv(upsample: nn.Module) -> nn.Conv2d | None:
+def _conv_of(upsample: nn.Module) -> nn.Conv2d | None:
     """The conv of a diffusers ``Upsample2D`` (None when it has none)."""
     return upsample.conv if upsample.name == "conv" else upsample.Conv2d_0
 
@@ -107,7 +108,7 @@ def _rewritable(module: nn.Module, upsample_cls: type) -> bool:
             and not module.use_conv_transpose and module.norm is None)
 
 
-def is_foldable(conv: nn.Module | None) -> bool:
+def _foldable(conv: nn.Module | None) -> bool:
     """Whether the fold applies: a plain 3x3, stride 1, padding 1 conv (zeros padding)."""
     return (type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
             and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
@@ -115,8 +116,8 @@ def is_foldable(conv: nn.Module | None) -> bool:
 
 
 def _rewrite(sub: nn.Module, new_cls: type) -> None:
-    conv = upsample_conv(sub)
-    if is_foldable(conv):
+    conv = _conv_of(sub)
+    if _foldable(conv):
         conv.register_buffer("_folded_weight", folded_kernel(conv.weight), persistent=False)
         conv.__class__ = _FoldedUpsampleConv
     else:
@@ -124,6 +125,13 @@ def _rewrite(sub: nn.Module, new_cls: type) -> None:
         sub.register_buffer("_nearest_kernel", torch.ones(
             sub.channels, 1, 2, 2, dtype=like.dtype, device=like.device), persistent=False)
     sub.__class__ = new_cls
+
+
+def foldable_convs(module: nn.Module) -> list[nn.Conv2d]:
+    """The convs :func:`apply` would fold into a transposed conv (before it runs)."""
+    upsample_cls = _upsample_class()
+    convs = [_conv_of(sub) for sub in module.modules() if _rewritable(sub, upsample_cls)]
+    return [conv for conv in convs if _foldable(conv)]
 
 
 def apply(module: nn.Module) -> int:
