@@ -66,19 +66,22 @@ def test_upsample_matches(use_conv):
     assert rewritten.state_dict().keys() == up.state_dict().keys()
 
 
-@pytest.mark.parametrize("kernel_size,padding,folded", [(3, 1, True), (5, 2, False)])
-def test_upsample_conv_fold_or_depthwise(kernel_size, padding, folded):
+@pytest.mark.parametrize("kernel_size,padding,min_channels,form", [
+    (3, 1, 9, "_FoldedUpsampleConv"), (3, 1, 8, "_SubpixelUpsampleConv"), (5, 2, 8, "Conv2d")])
+def test_upsample_conv_forms(kernel_size, padding, min_channels, form):
     from diffusers.models.upsampling import Upsample2D
 
     up = _randomize(Upsample2D(8, use_conv=True, out_channels=12, kernel_size=kernel_size,
                                padding=padding)).eval()
     x = torch.randn(2, 8, 5, 6) * 2
     rewritten = copy.deepcopy(up)
-    assert len(xnnpack_upsample.foldable_convs(rewritten)) == int(folded)
-    assert xnnpack_upsample.apply(rewritten) == 1
-    # 3x3 / pad 1 folds into one 4x4 stride-2 transposed conv; anything else keeps the conv
-    # after a depthwise nearest kernel.
-    assert isinstance(rewritten.conv, xnnpack_upsample._FoldedUpsampleConv) is folded
+    folded = form == "_FoldedUpsampleConv"
+    assert len(xnnpack_upsample.foldable_convs(rewritten, min_channels)) == int(folded)
+    assert xnnpack_upsample.apply(rewritten, subpixel_min_channels=min_channels) == 1
+    # 3x3 / pad 1 becomes one 4x4 stride-2 transposed conv below min_channels input channels,
+    # a sub-pixel conv from there up; anything else keeps the conv after a depthwise nearest
+    # kernel.
+    assert type(rewritten.conv).__name__ == form
     with torch.no_grad():
         got, want = rewritten(x), up(x)
     assert got.shape == want.shape == (2, 12, 10, 12)
@@ -93,6 +96,18 @@ def test_folded_kernel_is_upsample_then_conv():
     want = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), weight, padding=1)
     got = F.conv_transpose2d(x, xnnpack_upsample.folded_kernel(weight), stride=2, padding=1)
     assert torch.allclose(got, want, atol=1e-12)
+
+
+def test_subpixel_kernel_is_upsample_then_conv():
+    import torch.nn.functional as F
+
+    weight, bias = torch.randn(6, 4, 3, 3, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    x = torch.randn(1, 4, 3, 4, dtype=torch.float64)
+    want = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), weight, bias, padding=1)
+    phases = F.conv2d(x, xnnpack_upsample.subpixel_kernel(weight), bias.repeat_interleave(4),
+                      padding=1)
+    assert phases.shape == (1, 24, 3, 4)
+    assert torch.allclose(xnnpack_upsample.depth_to_space(phases), want, atol=1e-12)
 
 
 def test_geglu_matches():

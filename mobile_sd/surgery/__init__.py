@@ -11,7 +11,7 @@ fp16_safe_attention_mask   text_encoder                 CLIP masks use -1e4 inst
 cfg_fold                   unet                         guidance folded into one batch-2 UNet call
 xnnpack_group_norm         unet, decoder                GroupNorm as ops XNNPACK delegates
 xnnpack_layer_norm         unet, text_encoder           LayerNorm as ops XNNPACK delegates
-xnnpack_upsample           unet, decoder                nearest 2x upsample as a conv_transpose
+xnnpack_upsample           unet, decoder                nearest 2x upsample folded into its conv
 xnnpack_geglu              unet                         GEGLU's chunk as two slices
 ========================== ============================ ==============================================
 
