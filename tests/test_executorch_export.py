@@ -92,14 +92,10 @@ class TinyResUp(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
-# The upsampler's 32 channels take the fold by default, the sub-pixel form at threshold 32.
-UPSAMPLE_FORMS = {"folded": xnnpack_upsample.SUBPIXEL_MIN_CHANNELS, "subpixel": 32}
-
-
-def tiny_resup(upsample_form: str = "folded") -> nn.Module:
+def tiny_resup() -> nn.Module:
     model = TinyResUp().eval()
     xnnpack_group_norm.apply(model)
-    xnnpack_upsample.apply(model, subpixel_min_channels=UPSAMPLE_FORMS[upsample_form])
+    xnnpack_upsample.apply(model)
     return model
 
 
@@ -192,20 +188,19 @@ def test_unet_int8_static_sqnr(tmp_path):
     assert result.delegation["partitions"] == {"XnnpackBackend": 2}
 
 
-@pytest.mark.parametrize("upsample_form", UPSAMPLE_FORMS)
-def test_int8_static_resup_sqnr(tmp_path, upsample_form):
-    model, evals = tiny_resup(upsample_form), resup_samples(4, seed=2)
+def test_int8_static_resup_sqnr(tmp_path):
+    model, evals = tiny_resup(), resup_samples(4, seed=2)
     result = export_pte(model, evals[0], tmp_path / "r.pte", precision="int8",
                         calibration=resup_samples(8, seed=1))
     got = torch.cat([run_pte(result.pte_path, x)[0].flatten() for x in evals])
     want = torch.cat([_eager(model, x)[0].flatten() for x in evals])
     assert sqnr_db(want, got) >= RESUP_INT8_SQNR_FLOOR_DB
-    # The upsample is folded into its conv (one transposed or sub-pixel conv) and delegates with
-    # int8 weights like the other 4 convs: 5 convs + 3 linears have per-channel int8 weights.
+    # The upsample is folded into its conv (4 phase convs) and delegates with int8 weights like
+    # the other 4 convs: 8 convs + 3 linears have per-channel int8 weights.
     delegated = result.delegation["delegated_by_op"]
     assert not {"aten_convolution_default"} & set(result.delegation["portable_ops"])
-    assert delegated["aten_convolution_default"] == 5
-    assert delegated["quantized_decomposed_dequantize_per_channel_default"] == 5 + 3
+    assert delegated["aten_convolution_default"] == 4 + 4
+    assert delegated["quantized_decomposed_dequantize_per_channel_default"] == 8 + 3
 
 
 @pytest.mark.slow
@@ -280,16 +275,14 @@ def _ptd_keys(path) -> dict[str, int]:
     return {n.key: flat.segments[n.segment_index].size for n in flat.named_data}
 
 
-@pytest.mark.parametrize("upsample_form", UPSAMPLE_FORMS)
-def test_int8_ships_no_unread_fp32_buffers(tmp_path, upsample_form):
-    # PT2E replaces the folded upsample kernel (a buffer) by an int8 copy; the fp32 buffer is
-    # then unread, and ExecuTorch only drops unread *parameters*: it used to go into the .ptd.
-    model, evals = tiny_resup(upsample_form), resup_samples(1, seed=2)
+def test_int8_ships_no_unread_fp32_buffers(tmp_path):
+    # PT2E replaces the upsample's phase kernels (buffers) by int8 copies; the fp32 buffers are
+    # then unread, and ExecuTorch only drops unread *parameters*: they used to go into the .ptd.
+    model, evals = tiny_resup(), resup_samples(1, seed=2)
     result = export_pte(model, evals[0], tmp_path / "r.pte", precision="int8",
                         calibration=resup_samples(4, seed=1), separate_weights=True)
-    kernel = f"_{upsample_form}_weight"
-    assert not [k for k in _ptd_keys(result.ptd_path) if kernel in k]
-    assert any(f"upsample.conv.{kernel}" in note for note in result.notes)
+    assert not [k for k in _ptd_keys(result.ptd_path) if "_phase_weight" in k]
+    assert any("upsample.conv._phase_weight_" in note for note in result.notes)
 
 
 def test_drop_unused_constants_keeps_what_is_read():

@@ -57,7 +57,7 @@ def test_upsample_matches(use_conv):
     err, count = _max_err(up, xnnpack_upsample, x)
     with torch.no_grad():
         scale = max(1.0, up(x).abs().max().item())
-    # The fold sums weights before multiplying: rounding relative to the output's scale.
+    # Phase kernels sum weights before multiplying: rounding relative to the output's scale.
     assert count == 1 and err <= ATOL * scale
     rewritten = copy.deepcopy(up)
     xnnpack_upsample.apply(rewritten)
@@ -66,48 +66,37 @@ def test_upsample_matches(use_conv):
     assert rewritten.state_dict().keys() == up.state_dict().keys()
 
 
-@pytest.mark.parametrize("kernel_size,padding,min_channels,form", [
-    (3, 1, 9, "_FoldedUpsampleConv"), (3, 1, 8, "_SubpixelUpsampleConv"), (5, 2, 8, "Conv2d")])
-def test_upsample_conv_forms(kernel_size, padding, min_channels, form):
+@pytest.mark.parametrize("kernel_size,padding,by_phases", [(3, 1, True), (5, 2, False)])
+def test_upsample_conv_phases_or_depthwise(kernel_size, padding, by_phases):
     from diffusers.models.upsampling import Upsample2D
 
     up = _randomize(Upsample2D(8, use_conv=True, out_channels=12, kernel_size=kernel_size,
                                padding=padding)).eval()
     x = torch.randn(2, 8, 5, 6) * 2
     rewritten = copy.deepcopy(up)
-    folded = form == "_FoldedUpsampleConv"
-    assert len(xnnpack_upsample.foldable_convs(rewritten, min_channels)) == int(folded)
-    assert xnnpack_upsample.apply(rewritten, subpixel_min_channels=min_channels) == 1
-    # 3x3 / pad 1 becomes one 4x4 stride-2 transposed conv below min_channels input channels,
-    # a sub-pixel conv from there up; anything else keeps the conv after a depthwise nearest
-    # kernel.
-    assert type(rewritten.conv).__name__ == form
+    assert len(xnnpack_upsample.foldable_convs(rewritten)) == int(by_phases)
+    assert xnnpack_upsample.apply(rewritten) == 1
+    # 3x3 / pad 1 becomes four 2x2 phase convs on the small input; anything else keeps the
+    # conv after a depthwise nearest kernel.
+    assert isinstance(rewritten.conv, xnnpack_upsample._PhaseUpsampleConv) is by_phases
     with torch.no_grad():
         got, want = rewritten(x), up(x)
     assert got.shape == want.shape == (2, 12, 10, 12)
     assert (got - want).abs().max().item() <= ATOL * max(1.0, want.abs().max().item())
 
 
-def test_folded_kernel_is_upsample_then_conv():
+@pytest.mark.parametrize("bias", [True, False])
+def test_phase_convs_are_upsample_then_conv(bias):
     import torch.nn.functional as F
 
     weight = torch.randn(6, 4, 3, 3, dtype=torch.float64)
-    x = torch.randn(1, 4, 3, 4, dtype=torch.float64)
-    want = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), weight, padding=1)
-    got = F.conv_transpose2d(x, xnnpack_upsample.folded_kernel(weight), stride=2, padding=1)
+    b = torch.randn(6, dtype=torch.float64) if bias else None
+    x = torch.randn(1, 4, 3, 5, dtype=torch.float64)
+    want = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), weight, b, padding=1)
+    kernels = xnnpack_upsample.phase_kernels(weight)
+    assert [k.shape for k in kernels] == [(6, 4, 2, 2)] * 4
+    got = xnnpack_upsample.upsample_conv_by_phases(x, kernels, [b] * 4)
     assert torch.allclose(got, want, atol=1e-12)
-
-
-def test_subpixel_kernel_is_upsample_then_conv():
-    import torch.nn.functional as F
-
-    weight, bias = torch.randn(6, 4, 3, 3, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
-    x = torch.randn(1, 4, 3, 4, dtype=torch.float64)
-    want = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), weight, bias, padding=1)
-    phases = F.conv2d(x, xnnpack_upsample.subpixel_kernel(weight), bias.repeat_interleave(4),
-                      padding=1)
-    assert phases.shape == (1, 24, 3, 4)
-    assert torch.allclose(xnnpack_upsample.depth_to_space(phases), want, atol=1e-12)
 
 
 def test_geglu_matches():

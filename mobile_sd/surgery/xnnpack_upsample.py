@@ -3,49 +3,46 @@
 XNNPACK has no ``upsample_nearest2d`` (only bilinear): diffusers' ``Upsample2D`` stays on the
 portable kernels between two delegated convs, costing a partition break and NHWC<->NCHW copies.
 ``cat``-based and ``expand``/``repeat_interleave`` rewrites are not delegated either (5-D cat,
-``expand_copy``; executorch 1.5.1). Three rewrites; the first two need ``Upsample2D``'s usual
-3x3, stride 1, padding 1 conv and are picked per layer by its input channels:
+``expand_copy``; executorch 1.5.1). Two rewrites:
 
-1. **Sub-pixel** (``in_channels >= SUBPIXEL_MIN_CHANNELS``): nearest 2x then a 3x3 conv equals,
-   on the *small* input, one 3x3 conv with 4x the output channels (one per output phase
-   ``(a, b)``, each using 2x2 of its 9 taps, the others zero) followed by depth-to-space as
-   ``view -> permute -> reshape``. Same MACs as upsample + conv, but as one IGEMM convolution,
-   the fastest XNNPACK op, and the upsampled input is never materialized. :data:`_PHASES`
-   holds, per phase along one axis, which conv taps sum into each small-input tap.
-2. **Folded** (fewer channels): nearest 2x then that conv equals one transposed conv with a
-   4x4 kernel, stride 2, padding 1, on the *small* input. Each output pixel then reads 2x2 input pixels instead of 3x3 (2.25x fewer MACs), and
-   the upsampled tensor is never materialized. XNNPACK runs it as a Subconv2D deconvolution,
-   and int8 PT2E quantizes it (groups = 1, per-output-channel weights). Before::
+1. **Phase convs** (``Upsample2D`` with its usual 3x3, stride 1, padding 1 conv). After nearest
+   2x, output pixel ``(2i + a, 2j + b)`` of the conv reads only 2x2 distinct input pixels, the
+   same for every pixel of its *phase* ``(a, b)``: along one axis phase 0 sees
+   ``x[i-1]*w0 + x[i]*(w1+w2)`` and phase 1 ``x[i]*(w0+w1) + x[i+1]*w2`` (:data:`_PHASE_TAPS`).
+   So the pair is four 2x2 convs on the *small* input (padded once, each phase reading its own
+   offset window), concatenated along channels and interleaved by depth-to-space
+   (``view -> permute -> reshape``). Before::
 
        x[N,C,H,W] -> upsample_nearest2d(x, 2) -> conv(w 3x3, pad 1) -> y
 
    After::
 
-       x[N,C,H,W] -> conv_transpose2d(x, fold(w) 4x4, stride 2, pad 1) -> y
+       x -> pad 1 -> 4 x conv(w_ab 2x2, window (a, b)) -> cat -> depth-to-space -> y
 
-   Along one axis, output pixel ``2j`` sees ``x[j-1]*w0 + x[j]*(w1+w2)`` and ``2j+1`` sees
-   ``x[j]*(w0+w1) + x[j+1]*w2``; :data:`_FOLD` holds those sums (the same in 2-D, per axis).
-   Equal up to float rounding of the summed weights (~1e-6 relative), like the sub-pixel form.
-3. **Depthwise** (any other ``Upsample2D``): the nearest step alone as a depthwise transposed
-   conv with a 2x2 kernel of ones, stride 2 (``conv_transpose2d(x, ones[C,1,2,2], groups=C)``);
-   bit-exact. Measured on executorch 1.5.1 x86, this depthwise deconvolution is slow (1.3 s of
-   the full-size decoder's 3.4 s at 512x512), which is why it comes last; grouped
-   transposed convs also stay fp32 under int8.
+   2.25x fewer MACs (4 taps per output pixel instead of 9), all as IGEMM convolutions, and the
+   upsampled input is never materialized. Equal up to float rounding of the summed weights
+   (~1e-6 relative). Each phase conv has its own copy of the bias: PT2E quantizes a bias per
+   conv (int32 at input x weight scale), and XNNPACK rejected a program whose four convs
+   shared one (``xnn_status_invalid_parameter``).
+2. **Depthwise** (any other ``Upsample2D``): the nearest step alone as a depthwise transposed
+   conv with a 2x2 kernel of ones, stride 2 (``conv_transpose2d(x, ones[C,1,2,2], groups=C)``),
+   then the conv as is; bit-exact. Slow on executorch 1.5.1 x86 (1.3 s of the full-size
+   decoder's 3.4 s at 512x512 when every upsampler took it), and grouped transposed convs stay
+   fp32 under int8.
 
-Why a channel threshold (``benchmarks/upsample_forms.py``: each upsampler of the full-size
-models exported alone, executorch 1.5.1, x86, 2 threads): XNNPACK's Subconv2D deconvolution runs
-the fold's 2.25x fewer MACs far below its IGEMM rate, worst at many channels, while the
-sub-pixel form's depth-to-space transposes grow with the output, so they weigh most at few
-channels. Sub-pixel is faster in fp32 at every measured shape (1.1x at 128 channels to 4.8x at
-512); in int8 it is faster from 640 channels up (2.1-2.4x at 1280) and 18-26% slower at 128-512.
-The threshold follows int8 (the shipping Android precision) except at 512 channels, where
-sub-pixel costs int8 ~14 ms but saves fp32 ~0.9 s. ARM (phone) kernels were not measured.
+Why phase convs (``benchmarks/upsample_forms.py``: each upsampler shape of the full-size
+models exported alone, x86, 2 threads): two other exact forms were measured and dropped. A 4x4
+stride-2 transposed conv (the same 2.25x fewer MACs) runs as XNNPACK's Subconv2D deconvolution,
+far below the IGEMM rate at many channels; one 3x3 conv to 4x the channels + depth-to-space
+(no MAC saving, 4x the weights) is IGEMM but does 2.25x the work. Phase convs were the fastest
+at every shape but the int8 decoder's last one (128 channels at 256x256), where the transposed
+conv is faster (results table). ARM (phone) kernels were not measured.
 
-All forms keep ``state_dict`` keys: the extra kernels are non-persistent buffers, and the folded
-and sub-pixel kernels live on the conv module itself, so its module path
-(``...upsamplers.0.conv``) still names them for ``fp32_fallback``. The eager conv weight stays
-(unused by the rewritten forward; lowering drops it). Re-run the pass after loading new
-weights: the kernels are computed at apply time.
+Both forms keep ``state_dict`` keys: the extra kernels are non-persistent buffers, and the phase
+kernels live on the conv module itself, so its module path (``...upsamplers.0.conv``) still
+names them for ``fp32_fallback``. The eager conv weight stays (unused by the rewritten forward;
+lowering drops it). Re-run the pass after loading new weights: the kernels are computed at apply
+time.
 """
 from __future__ import annotations
 
@@ -56,55 +53,45 @@ from torch import nn
 preserves_numerics = True
 applies_to = ("unet", "decoder")
 
-# (4 transposed-conv taps) x (3 conv taps): which conv taps sum into each transposed-conv tap.
-_FOLD = ((0, 0, 1), (0, 1, 1), (1, 1, 0), (1, 0, 0))
-# Per output phase a (pixel 2i + a): (3 small-input taps i-1, i, i+1) x (3 conv taps).
-_PHASES = (((1, 0, 0), (0, 1, 1), (0, 0, 0)),
-           ((0, 0, 0), (1, 1, 0), (0, 0, 1)))
-# From this many conv input channels up, the sub-pixel form (module doc).
-SUBPIXEL_MIN_CHANNELS = 512
+# Per output phase a (pixel 2i + a): (its 2 input taps) x (3 conv taps). Phase 0 reads x[i-1]
+# and x[i], phase 1 reads x[i] and x[i+1]: nearest 2x repeats each input pixel twice.
+_PHASE_TAPS = (((1, 0, 0), (0, 1, 1)),
+               ((1, 1, 0), (0, 0, 1)))
+PHASES = ((0, 0), (0, 1), (1, 0), (1, 1))
+_SUFFIXES = tuple(f"{a}{b}" for a, b in PHASES)   # of the phase kernels' buffer names
 
 
-def folded_kernel(weight: torch.Tensor) -> torch.Tensor:
-    """3x3 conv weight ``[out, in, 3, 3]`` -> transposed-conv weight ``[in, out, 4, 4]`` (stride 2,
-    padding 1) equal to nearest 2x upsampling followed by that conv (padding 1)."""
-    fold = torch.tensor(_FOLD, dtype=torch.float64)
-    summed = torch.einsum("ak,bl,oikl->ioab", fold, fold, weight.detach().double())
-    return summed.to(weight.dtype).contiguous()
+def phase_kernels(weight: torch.Tensor) -> list[torch.Tensor]:
+    """3x3 conv weight ``[out, in, 3, 3]`` -> the 2x2 kernels ``[out, in, 2, 2]`` of the output
+    phases in :data:`PHASES` order (see :func:`upsample_conv_by_phases`)."""
+    taps = torch.tensor(_PHASE_TAPS, dtype=torch.float64)
+    w = weight.detach().double()
+    return [torch.einsum("uk,vl,oikl->oiuv", taps[a], taps[b], w).to(weight.dtype).contiguous()
+            for a, b in PHASES]
 
 
-def subpixel_kernel(weight: torch.Tensor) -> torch.Tensor:
-    """3x3 conv weight ``[out, in, 3, 3]`` -> 3x3 conv weight ``[out * 4, in, 3, 3]`` (padding 1)
-    whose output channel ``4 * o + 2 * a + b`` is output pixel ``(2i + a, 2j + b)`` of nearest
-    2x upsampling followed by that conv (padding 1)."""
-    phases = torch.tensor(_PHASES, dtype=torch.float64)
-    summed = torch.einsum("auk,bvl,oikl->oabiuv", phases, phases, weight.detach().double())
-    return summed.reshape(-1, *weight.shape[1:]).to(weight.dtype).contiguous()
+def upsample_conv_by_phases(x: torch.Tensor, kernels, biases) -> torch.Tensor:
+    """Nearest 2x upsampling of ``x`` followed by a 3x3 conv (padding 1), computed on ``x``
+    from that conv's :func:`phase_kernels` and one bias (or None) per phase."""
+    n, _, h, w = x.shape
+    padded = F.pad(x, (1, 1, 1, 1))
+    phases = [F.conv2d(padded[:, :, a:a + h + 1, b:b + w + 1], kernel, bias)
+              for (a, b), kernel, bias in zip(PHASES, kernels, biases)]
+    y = torch.cat(phases, dim=1)                        # channel (2a + b) * out + o
+    out = y.shape[1] // 4
+    y = y.view(n, 2, 2, out, h, w).permute(0, 3, 4, 1, 5, 2)   # [n, out, h, a, w, b]
+    return y.reshape(n, out, 2 * h, 2 * w)
 
 
-def depth_to_space(x: torch.Tensor) -> torch.Tensor:
-    """``[N, 4C, H, W]`` (channel ``4c + 2a + b``) -> ``[N, C, 2H, 2W]`` (pixel ``(2i+a, 2j+b)``)."""
-    n, c4, h, w = x.shape
-    x = x.view(n, c4 // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3)
-    return x.reshape(n, c4 // 4, 2 * h, 2 * w)
-
-
-class _SubpixelUpsampleConv(nn.Conv2d):
-    """The conv of an ``Upsample2D``, called on the *un-upsampled* input, as a sub-pixel conv."""
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return depth_to_space(F.conv2d(hidden_states, self._subpixel_weight, self._subpixel_bias,
-                                       padding=1))
-
-
-class _FoldedUpsampleConv(nn.Conv2d):
+class _PhaseUpsampleConv(nn.Conv2d):
     """The conv of an ``Upsample2D``, called on the *un-upsampled* input: it upsamples too."""
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        # The buffer as is: buffers follow .half() / .to() with the module, and a cast here
-        # would only add a node in front of the weight.
-        return F.conv_transpose2d(hidden_states, self._folded_weight, self.bias, stride=2,
-                                  padding=1)
+        # The buffers as they are: they follow .half() / .to() with the module, and a cast
+        # here would only add a node in front of each weight.
+        return upsample_conv_by_phases(
+            hidden_states, [getattr(self, f"_phase_weight_{s}") for s in _SUFFIXES],
+            [getattr(self, f"_phase_bias_{s}") for s in _SUFFIXES])
 
 
 def _upsample_class() -> type[nn.Module]:
@@ -121,7 +108,7 @@ def _make_class(base: type[nn.Module]) -> type[nn.Module]:
             if output_size is not None and tuple(output_size) != (2 * h, 2 * w):
                 return self._resize_then_conv(hidden_states, tuple(output_size))
             conv = _conv_of(self)
-            if isinstance(conv, (_FoldedUpsampleConv, _SubpixelUpsampleConv)):
+            if isinstance(conv, _PhaseUpsampleConv):
                 return conv(hidden_states)
             hidden_states = F.conv_transpose2d(hidden_states, self._nearest_kernel, stride=2,
                                                groups=hidden_states.shape[1])
@@ -152,29 +139,21 @@ def _rewritable(module: nn.Module, upsample_cls: type) -> bool:
             and not module.use_conv_transpose and module.norm is None)
 
 
-def _form(conv: nn.Module | None, subpixel_min_channels: int) -> str:
-    """``"subpixel"``, ``"folded"`` or ``"depthwise"`` (module doc): the first two need a plain
-    3x3, stride 1, padding 1 conv (zeros padding)."""
-    plain_3x3 = (type(conv) is nn.Conv2d and conv.kernel_size == (3, 3)
-                 and conv.stride == (1, 1) and conv.padding == (1, 1) and conv.dilation == (1, 1)
-                 and conv.groups == 1 and conv.padding_mode == "zeros")
-    if not plain_3x3:
-        return "depthwise"
-    return "subpixel" if conv.in_channels >= subpixel_min_channels else "folded"
+def _by_phases(conv: nn.Module | None) -> bool:
+    """Whether phase convs apply: a plain 3x3, stride 1, padding 1 conv (zeros padding)."""
+    return (type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
+            and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
+            and conv.padding_mode == "zeros")
 
 
-def _rewrite(sub: nn.Module, new_cls: type, subpixel_min_channels: int) -> None:
+def _rewrite(sub: nn.Module, new_cls: type) -> None:
     conv = _conv_of(sub)
-    form = _form(conv, subpixel_min_channels)
-    if form == "subpixel":
-        bias = conv.bias if conv.bias is not None else torch.zeros_like(conv.weight[:, 0, 0, 0])
-        conv.register_buffer("_subpixel_weight", subpixel_kernel(conv.weight), persistent=False)
-        conv.register_buffer("_subpixel_bias", bias.detach().repeat_interleave(4),
-                             persistent=False)
-        conv.__class__ = _SubpixelUpsampleConv
-    elif form == "folded":
-        conv.register_buffer("_folded_weight", folded_kernel(conv.weight), persistent=False)
-        conv.__class__ = _FoldedUpsampleConv
+    if _by_phases(conv):
+        for suffix, kernel in zip(_SUFFIXES, phase_kernels(conv.weight)):
+            conv.register_buffer(f"_phase_weight_{suffix}", kernel, persistent=False)
+            bias = None if conv.bias is None else conv.bias.detach().clone()
+            conv.register_buffer(f"_phase_bias_{suffix}", bias, persistent=False)
+        conv.__class__ = _PhaseUpsampleConv
     else:
         like = conv.weight if conv is not None else torch.empty(0)
         sub.register_buffer("_nearest_kernel", torch.ones(
@@ -182,19 +161,15 @@ def _rewrite(sub: nn.Module, new_cls: type, subpixel_min_channels: int) -> None:
     sub.__class__ = new_cls
 
 
-def foldable_convs(module: nn.Module,
-                   subpixel_min_channels: int = SUBPIXEL_MIN_CHANNELS) -> list[nn.Conv2d]:
-    """The convs :func:`apply` would fold into a transposed conv (before it runs)."""
+def foldable_convs(module: nn.Module) -> list[nn.Conv2d]:
+    """The convs :func:`apply` would fold, with the upsampling before them, into phase convs."""
     upsample_cls = _upsample_class()
     convs = [_conv_of(sub) for sub in module.modules() if _rewritable(sub, upsample_cls)]
-    return [conv for conv in convs if _form(conv, subpixel_min_channels) == "folded"]
+    return [conv for conv in convs if _by_phases(conv)]
 
 
-def apply(module: nn.Module, subpixel_min_channels: int = SUBPIXEL_MIN_CHANNELS) -> int:
+def apply(module: nn.Module) -> int:
     """Rewrite every plain diffusers ``Upsample2D`` in ``module`` in place; returns the count.
-
-    ``subpixel_min_channels``: from this many conv input channels up, the sub-pixel form,
-    below it the fold (module doc).
 
     >>> from diffusers.models.upsampling import Upsample2D
     >>> apply(nn.Sequential(Upsample2D(8, use_conv=True)))
@@ -204,5 +179,5 @@ def apply(module: nn.Module, subpixel_min_channels: int = SUBPIXEL_MIN_CHANNELS)
     new_cls = _CLASSES.setdefault(upsample_cls, _make_class(upsample_cls))
     targets = [sub for sub in module.modules() if _rewritable(sub, upsample_cls)]
     for sub in targets:
-        _rewrite(sub, new_cls, subpixel_min_channels)
+        _rewrite(sub, new_cls)
     return len(targets)
