@@ -6,7 +6,8 @@ Writes ``benchmarks/results/upsample_forms.{json,md}``.
 One diffusers ``Upsample2D`` (nearest 2x + 3x3 conv, seeded random weights) per row, exported
 alone as an XNNPACK ``.pte`` in each form and precision (fp32; static int8 calibrated on 4
 random batches), and timed in-process (median of ``--iters`` after one warm-up). Forms:
-``phases``, what ``surgery.xnnpack_upsample`` ships (four 2x2 convs + depth-to-space); and the
+``phases``, what ``surgery.xnnpack_upsample`` ships (one 2x2 conv to 4x the channels, one
+block per output phase, + depth-to-space); and the
 two it was chosen over, defined here: ``transposed``, one 4x4 stride-2 transposed conv (its
 previous form), and ``subpixel``, one 3x3 conv to 4x the channels + depth-to-space. The shapes
 are the upsamplers of the full-size ``snapfusion`` UNet (CFG-folded: batch 2) and distilled
@@ -61,11 +62,12 @@ class _Subpixel(torch.nn.Module):
     """One 3x3 conv with 4x the output channels (phase kernels zero-padded to 3x3)."""
 
     def __init__(self, conv):
-        from mobile_sd.surgery.xnnpack_upsample import PHASES, phase_kernels
+        from mobile_sd.surgery.xnnpack_upsample import PHASES, phase_kernel
 
         super().__init__()
+        blocks = phase_kernel(conv.weight).chunk(4)
         kernels = [F.pad(k, (b, 1 - b, a, 1 - a))      # 2x2 window (a, b) inside the 3x3
-                   for (a, b), k in zip(PHASES, phase_kernels(conv.weight))]
+                   for (a, b), k in zip(PHASES, blocks)]
         self.register_buffer("kernel", torch.cat(kernels).detach())
         self.register_buffer("bias", conv.bias.detach().repeat(4))
 

@@ -195,12 +195,42 @@ def test_int8_static_resup_sqnr(tmp_path):
     got = torch.cat([run_pte(result.pte_path, x)[0].flatten() for x in evals])
     want = torch.cat([_eager(model, x)[0].flatten() for x in evals])
     assert sqnr_db(want, got) >= RESUP_INT8_SQNR_FLOOR_DB
-    # The upsample is folded into its conv (4 phase convs) and delegates with int8 weights like
-    # the other 4 convs: 8 convs + 3 linears have per-channel int8 weights.
+    # The upsample is folded into its conv (one phase conv) and delegates with int8 weights like
+    # the other 4 convs: 5 convs + 3 linears have per-channel int8 weights.
     delegated = result.delegation["delegated_by_op"]
     assert not {"aten_convolution_default"} & set(result.delegation["portable_ops"])
-    assert delegated["aten_convolution_default"] == 4 + 4
-    assert delegated["quantized_decomposed_dequantize_per_channel_default"] == 8 + 3
+    assert delegated["aten_convolution_default"] == 5
+    assert delegated["quantized_decomposed_dequantize_per_channel_default"] == 5 + 3
+
+
+class AddThenUpsample(nn.Module):
+    """A residual add right before the upsampler, as after the full-size UNet's attention
+    blocks: int8 PT2E then hands the upsampler an int8 tensor."""
+
+    def __init__(self) -> None:
+        from diffusers.models.upsampling import Upsample2D
+
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.out = nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 4, 3, padding=1)
+        self.upsample = Upsample2D(16, use_conv=True)
+
+    def forward(self, x):
+        return self.out(self.upsample(self.conv(x) + x))
+
+
+def test_int8_upsample_after_add_loads_and_matches(tmp_path):
+    # An earlier form padded the upsampler's input with F.pad: XNNPACK refused to load that
+    # program (constant pad with int8 input, fp32 output) when an add fed the upsampler.
+    model = AddThenUpsample().eval()
+    xnnpack_upsample.apply(model)
+    gen = torch.Generator().manual_seed(0)
+    samples = [(torch.randn(1, 16, 8, 8, generator=gen),) for _ in range(5)]
+    result = export_pte(model, samples[0], tmp_path / "u.pte", precision="int8",
+                        calibration=samples[1:])
+    assert result.delegation["partitions"] == {"XnnpackBackend": 1}
+    got, want = run_pte(result.pte_path, samples[0])[0], _eager(model, samples[0])[0]
+    assert sqnr_db(want, got) >= RESUP_INT8_SQNR_FLOOR_DB
 
 
 @pytest.mark.slow
@@ -276,13 +306,13 @@ def _ptd_keys(path) -> dict[str, int]:
 
 
 def test_int8_ships_no_unread_fp32_buffers(tmp_path):
-    # PT2E replaces the upsample's phase kernels (buffers) by int8 copies; the fp32 buffers are
-    # then unread, and ExecuTorch only drops unread *parameters*: they used to go into the .ptd.
+    # PT2E replaces the upsample's phase kernel (a buffer) by an int8 copy; the fp32 buffer is
+    # then unread, and ExecuTorch only drops unread *parameters*: it used to go into the .ptd.
     model, evals = tiny_resup(), resup_samples(1, seed=2)
     result = export_pte(model, evals[0], tmp_path / "r.pte", precision="int8",
                         calibration=resup_samples(4, seed=1), separate_weights=True)
     assert not [k for k in _ptd_keys(result.ptd_path) if "_phase_weight" in k]
-    assert any("upsample.conv._phase_weight_" in note for note in result.notes)
+    assert any("upsample.conv._phase_weight" in note for note in result.notes)
 
 
 def test_drop_unused_constants_keeps_what_is_read():

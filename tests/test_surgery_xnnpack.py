@@ -76,8 +76,8 @@ def test_upsample_conv_phases_or_depthwise(kernel_size, padding, by_phases):
     rewritten = copy.deepcopy(up)
     assert len(xnnpack_upsample.foldable_convs(rewritten)) == int(by_phases)
     assert xnnpack_upsample.apply(rewritten) == 1
-    # 3x3 / pad 1 becomes four 2x2 phase convs on the small input; anything else keeps the
-    # conv after a depthwise nearest kernel.
+    # 3x3 / pad 1 becomes one 2x2 conv with a channel block per output phase, on the small
+    # input; anything else keeps the conv after a depthwise nearest kernel.
     assert isinstance(rewritten.conv, xnnpack_upsample._PhaseUpsampleConv) is by_phases
     with torch.no_grad():
         got, want = rewritten(x), up(x)
@@ -93,9 +93,9 @@ def test_phase_convs_are_upsample_then_conv(bias):
     b = torch.randn(6, dtype=torch.float64) if bias else None
     x = torch.randn(1, 4, 3, 5, dtype=torch.float64)
     want = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), weight, b, padding=1)
-    kernels = xnnpack_upsample.phase_kernels(weight)
-    assert [k.shape for k in kernels] == [(6, 4, 2, 2)] * 4
-    got = xnnpack_upsample.upsample_conv_by_phases(x, kernels, [b] * 4)
+    kernel = xnnpack_upsample.phase_kernel(weight)
+    assert kernel.shape == (4 * 6, 4, 2, 2)
+    got = xnnpack_upsample.upsample_conv_by_phases(x, kernel, None if b is None else b.repeat(4))
     assert torch.allclose(got, want, atol=1e-12)
 
 

@@ -9,21 +9,23 @@ portable kernels between two delegated convs, costing a partition break and NHWC
    2x, output pixel ``(2i + a, 2j + b)`` of the conv reads only 2x2 distinct input pixels, the
    same for every pixel of its *phase* ``(a, b)``: along one axis phase 0 sees
    ``x[i-1]*w0 + x[i]*(w1+w2)`` and phase 1 ``x[i]*(w0+w1) + x[i+1]*w2`` (:data:`_PHASE_TAPS`).
-   So the pair is four 2x2 convs on the *small* input (padded once, each phase reading its own
-   offset window), concatenated along channels and interleaved by depth-to-space
-   (``view -> permute -> reshape``). Before::
+   So the pair is one 2x2 conv with 4x the output channels (a block per phase) on the *small*
+   input, padding 1; its output is ``(H+1) x (W+1)``, and phase ``(a, b)`` is its block at
+   offset ``(a, b)``. Four slices, a concat and depth-to-space (``view -> permute -> reshape``)
+   interleave them. Before::
 
        x[N,C,H,W] -> upsample_nearest2d(x, 2) -> conv(w 3x3, pad 1) -> y
 
    After::
 
-       x -> pad 1 -> 4 x conv(w_ab 2x2, window (a, b)) -> cat -> depth-to-space -> y
+       x -> conv(w4 [4C,C,2,2], pad 1) -> 4 x slice(block, offset) -> cat -> depth-to-space -> y
 
-   2.25x fewer MACs (4 taps per output pixel instead of 9), all as IGEMM convolutions, and the
-   upsampled input is never materialized. Equal up to float rounding of the summed weights
-   (~1e-6 relative). Each phase conv has its own copy of the bias: PT2E quantizes a bias per
-   conv (int32 at input x weight scale), and XNNPACK rejected a program whose four convs
-   shared one (``xnn_status_invalid_parameter``).
+   2.25x fewer MACs (4 taps per output pixel instead of 9, plus the one-pixel border), one IGEMM
+   convolution, and the upsampled input is never materialized. Equal up to float rounding of
+   the summed weights (~1e-6 relative). Why not four convs on slices of an ``F.pad``-ded input
+   (as fast): XNNPACK rejects a constant pad whose input is int8 and output fp32
+   (``xnn_status_invalid_parameter`` at load), which int8 PT2E produces when the upsampler
+   follows a quantized add (the full-size UNet's did).
 2. **Depthwise** (any other ``Upsample2D``): the nearest step alone as a depthwise transposed
    conv with a 2x2 kernel of ones, stride 2 (``conv_transpose2d(x, ones[C,1,2,2], groups=C)``),
    then the conv as is; bit-exact. Slow on executorch 1.5.1 x86 (1.3 s of the full-size
@@ -39,8 +41,8 @@ at every shape but the int8 decoder's last one (128 channels at 256x256), where 
 conv is faster (results table). ARM (phone) kernels were not measured.
 
 Both forms keep ``state_dict`` keys: the extra kernels are non-persistent buffers, and the phase
-kernels live on the conv module itself, so its module path (``...upsamplers.0.conv``) still
-names them for ``fp32_fallback``. The eager conv weight stays (unused by the rewritten forward;
+kernel lives on the conv module itself, so its module path (``...upsamplers.0.conv``) still
+names it for ``fp32_fallback``. The eager conv weight stays (unused by the rewritten forward;
 lowering drops it). Re-run the pass after loading new weights: the kernels are computed at apply
 time.
 """
@@ -58,27 +60,29 @@ applies_to = ("unet", "decoder")
 _PHASE_TAPS = (((1, 0, 0), (0, 1, 1)),
                ((1, 1, 0), (0, 0, 1)))
 PHASES = ((0, 0), (0, 1), (1, 0), (1, 1))
-_SUFFIXES = tuple(f"{a}{b}" for a, b in PHASES)   # of the phase kernels' buffer names
 
 
-def phase_kernels(weight: torch.Tensor) -> list[torch.Tensor]:
-    """3x3 conv weight ``[out, in, 3, 3]`` -> the 2x2 kernels ``[out, in, 2, 2]`` of the output
-    phases in :data:`PHASES` order (see :func:`upsample_conv_by_phases`)."""
+def phase_kernel(weight: torch.Tensor) -> torch.Tensor:
+    """3x3 conv weight ``[out, in, 3, 3]`` -> 2x2 conv weight ``[4 * out, in, 2, 2]``: one block
+    of ``out`` channels per output phase, in :data:`PHASES` order (see
+    :func:`upsample_conv_by_phases`)."""
     taps = torch.tensor(_PHASE_TAPS, dtype=torch.float64)
     w = weight.detach().double()
-    return [torch.einsum("uk,vl,oikl->oiuv", taps[a], taps[b], w).to(weight.dtype).contiguous()
-            for a, b in PHASES]
+    blocks = [torch.einsum("uk,vl,oikl->oiuv", taps[a], taps[b], w) for a, b in PHASES]
+    return torch.cat(blocks).to(weight.dtype).contiguous()
 
 
-def upsample_conv_by_phases(x: torch.Tensor, kernels, biases) -> torch.Tensor:
+def upsample_conv_by_phases(x: torch.Tensor, kernel: torch.Tensor,
+                            bias: torch.Tensor | None) -> torch.Tensor:
     """Nearest 2x upsampling of ``x`` followed by a 3x3 conv (padding 1), computed on ``x``
-    from that conv's :func:`phase_kernels` and one bias (or None) per phase."""
+    from that conv's :func:`phase_kernel` and its bias repeated per phase (or None)."""
     n, _, h, w = x.shape
-    padded = F.pad(x, (1, 1, 1, 1))
-    phases = [F.conv2d(padded[:, :, a:a + h + 1, b:b + w + 1], kernel, bias)
-              for (a, b), kernel, bias in zip(PHASES, kernels, biases)]
-    y = torch.cat(phases, dim=1)                        # channel (2a + b) * out + o
+    y = F.conv2d(x, kernel, bias, padding=1)            # [n, 4 * out, h + 1, w + 1]
     out = y.shape[1] // 4
+    # Phase (a, b) output (i, j) is its block at (i + a, j + b): the 2x2 window starting one
+    # pixel up/left of (i, j) for a = 0, at (i, j) for a = 1 (same along j).
+    y = torch.cat([y[:, k * out:(k + 1) * out, a:a + h, b:b + w]
+                   for k, (a, b) in enumerate(PHASES)], dim=1)
     y = y.view(n, 2, 2, out, h, w).permute(0, 3, 4, 1, 5, 2)   # [n, out, h, a, w, b]
     return y.reshape(n, out, 2 * h, 2 * w)
 
@@ -88,10 +92,8 @@ class _PhaseUpsampleConv(nn.Conv2d):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         # The buffers as they are: they follow .half() / .to() with the module, and a cast
-        # here would only add a node in front of each weight.
-        return upsample_conv_by_phases(
-            hidden_states, [getattr(self, f"_phase_weight_{s}") for s in _SUFFIXES],
-            [getattr(self, f"_phase_bias_{s}") for s in _SUFFIXES])
+        # here would only add a node in front of the weight.
+        return upsample_conv_by_phases(hidden_states, self._phase_weight, self._phase_bias)
 
 
 def _upsample_class() -> type[nn.Module]:
@@ -149,10 +151,9 @@ def _by_phases(conv: nn.Module | None) -> bool:
 def _rewrite(sub: nn.Module, new_cls: type) -> None:
     conv = _conv_of(sub)
     if _by_phases(conv):
-        for suffix, kernel in zip(_SUFFIXES, phase_kernels(conv.weight)):
-            conv.register_buffer(f"_phase_weight_{suffix}", kernel, persistent=False)
-            bias = None if conv.bias is None else conv.bias.detach().clone()
-            conv.register_buffer(f"_phase_bias_{suffix}", bias, persistent=False)
+        bias = None if conv.bias is None else conv.bias.detach().repeat(4)
+        conv.register_buffer("_phase_weight", phase_kernel(conv.weight), persistent=False)
+        conv.register_buffer("_phase_bias", bias, persistent=False)
         conv.__class__ = _PhaseUpsampleConv
     else:
         like = conv.weight if conv is not None else torch.empty(0)
