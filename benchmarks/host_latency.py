@@ -99,13 +99,16 @@ def eager_worker(spec: str, component: str, recipe: str, iters: int, threads: in
 @contextlib.contextmanager
 def macs_saved_by_upsample_fold(module):
     """MACs the XNNPACK exports do not run, counted over the calls inside the block: each 3x3
-    conv that ``xnnpack_upsample`` folds reads 4 input taps per output instead of 9."""
+    conv that ``xnnpack_upsample`` folds becomes a 2x2 conv with 4x the output channels on the
+    small input, over a grid one pixel larger (its padding) than the small input."""
     from mobile_sd.surgery.xnnpack_upsample import foldable_convs
 
     saved = [0]
 
     def count(conv, _inputs, output):
-        saved[0] += output.numel() * conv.in_channels * (9 - 4)
+        n, out, height, width = output.shape        # the upsampled size
+        phase_grid = (height // 2 + 1) * (width // 2 + 1)
+        saved[0] += n * out * conv.in_channels * (9 * height * width - 4 * 4 * phase_grid)
 
     handles = [conv.register_forward_hook(count) for conv in foldable_convs(module)]
     try:
@@ -191,7 +194,7 @@ def main() -> None:
         [f"Measured fp32 GEMM peak of this CPU: {peak:.0f} GFLOP/s (torch 2048^3 matmul); the "
          "last column is counted GMACs x 2 / latency / that peak (int8 can exceed 1).",
          "The .pte rows run fewer MACs than counted: xnnpack_upsample folds each nearest-2x "
-         "upsample into its 3x3 conv (4 taps instead of 9), "
+         "upsample into its 3x3 conv (4 taps per output instead of 9), "
          + ", ".join(f"{c} -{g:.1f} GMACs per call ({g / (gmacs[c] * (2 if c == 'unet' else 1)):.1%})"
                      for c, g in folded_gmacs.items() if g and gmacs.get(c))
          + "; their peak fraction still counts the original MACs.",

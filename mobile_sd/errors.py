@@ -55,6 +55,11 @@ class ExportInterruptedError(ExportError):
     """An export was interrupted (Ctrl-C); the output folder was left as it was before."""
 
 
+class ProgramLoadError(ExportError):
+    """The host's ExecuTorch runtime refuses to load a program just exported (a delegate
+    rejected a node at init); nothing is written."""
+
+
 class CalibrationError(ExportError):
     """Calibration data is missing or does not match the model's inputs."""
 

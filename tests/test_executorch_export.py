@@ -412,6 +412,30 @@ def test_failure_mid_export_leaves_nothing(tmp_path, monkeypatch):
     assert _files(tmp_path) == ["other.pte"]  # no .pte/.ptd/temp folder, neighbour untouched
 
 
+class PadAfterAdd(nn.Module):
+    """int8 PT2E leaves the pad fp32 between an int8 add and an int8 conv: XNNPACK lowers it,
+    then refuses to build the node at load (constant pad with int8 input, fp32 output)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.out = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 4, 2)
+
+    def forward(self, x):
+        h = F.pad(self.conv(x) + x, (1, 1, 1, 1))
+        return self.out(h[:, :, 1:, 1:])
+
+
+def test_program_the_runtime_refuses_is_an_error_and_writes_nothing(tmp_path):
+    from mobile_sd.errors import ProgramLoadError
+
+    samples = [(torch.randn(1, 8, 8, 8),) for _ in range(3)]
+    with pytest.raises(ProgramLoadError, match="pad.pte: the ExecuTorch runtime on this host"):
+        export_pte(PadAfterAdd().eval(), samples[0], tmp_path / "pad.pte", precision="int8",
+                   calibration=samples, separate_weights=True, bundled_io=[(samples[0], None)])
+    assert _files(tmp_path) == []
+
+
 def test_recipe_errors_before_work(tmp_path):
     with pytest.raises(RecipeError, match="separate_weights"):
         export_pte(Small(), SMALL_IN, tmp_path / "a.pte", backend="coreml", separate_weights=True)

@@ -92,6 +92,25 @@ def _load(path: Path, data_path: Path | None, **kwargs):
     return Runtime.get().load_program(path, data_path=data_path, **kwargs)
 
 
+def check_loads(path: Path, data_path: Path | None) -> None:
+    """ProgramLoadError unless this host's runtime loads ``forward`` of the ``.pte`` at ``path``.
+
+    Loading initializes every delegate, so XNNPACK builds its runtime graph: a node it rejects
+    (which lowering does not catch) fails here, not on the device.
+    """
+    from mobile_sd.errors import ProgramLoadError
+
+    program = _load(path, data_path)
+    try:
+        program.load_method("forward")
+    except RuntimeError as exc:
+        raise ProgramLoadError(
+            f"{path.name}: the ExecuTorch runtime on this host refuses to load the exported "
+            f"program ({exc}); the delegate's log lines above name the node it rejected. "
+            "Nothing was written. Keep the op out of the delegate (surgery pass or "
+            "fp32_fallback) or report it with that log.") from exc
+
+
 def run_pte(path: str | Path, inputs: Sequence, num_threads: int | None = None,
             data_path: str | Path | None = None, as_numpy: bool = False) -> list:
     """Run ``forward`` of a ``.pte`` on the host; returns the outputs (tensors, or numpy arrays).

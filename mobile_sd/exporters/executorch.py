@@ -169,13 +169,15 @@ def export_pte(module: nn.Module, example_inputs: tuple, out_path: str | Path, *
     ``etrecord_weights``.
     ``calibration``: input tuples for int8; ``fp32_fallback``: module names kept fp32 (int8).
     Raises RecipeError (impossible combination), CalibrationError, UnsupportedOpError,
-    BackendUnavailableError (QNN without ``QNN_SDK_ROOT``), OutputDirError - before writing.
+    BackendUnavailableError (QNN without ``QNN_SDK_ROOT``), OutputDirError - before writing;
+    ProgramLoadError when the host runtime refuses to load the XNNPACK program (nothing kept).
     """
     from mobile_sd.exporters import et_backends
     from mobile_sd.exporters.et_bundled import bundled_bytes
     from mobile_sd.exporters.et_delegation import delegation_summary
     from mobile_sd.exporters.et_etrecord import save_etrecord
     from mobile_sd.exporters.et_output import PeakRss, staged
+    from mobile_sd.exporters.et_runtime import check_loads
 
     out_path, example_inputs = Path(out_path), tuple(example_inputs)
     et_backends.check_request(backend, precision, coreml_target, separate_weights)
@@ -214,13 +216,18 @@ def export_pte(module: nn.Module, example_inputs: tuple, out_path: str | Path, *
             stage.path("bpte").write_bytes(bundled_bytes(program, cases))
         n_out = len(program.exported_program().graph_signature.user_outputs)
         names_out = _names(output_names, n_out, "output_", "output")
+        record = None
         if etrecord_path:
             record = recording.record(program) if recording else program.get_etrecord()
-            # Drop the lowered program (it holds the delegate's copy of the weights) before
-            # serializing the record: a full one needs as much memory again for a moment.
-            del program, edge, ep
-            release_freed_memory()
+        # Drop the lowered program (it holds the delegate's copy of the weights) before
+        # serializing the record (a full one needs as much memory again for a moment) and
+        # before the runtime loads the written program.
+        del program, edge, ep
+        release_freed_memory()
+        if etrecord_path:
             save_etrecord(record, stage.path("etrecord"), mode)
+        if backend == "xnnpack":   # the only delegate this host's runtime has
+            check_loads(stage.path("pte"), stage.path("ptd") if separate_weights else None)
     final = stage.destinations
     return ExportResult(
         pte_path=str(final["pte"]), backend=backend, precision=precision, input_names=names_in,
