@@ -5,7 +5,7 @@ portable kernels between two delegated convs, costing a partition break and NHWC
 ``cat``-based and ``expand``/``repeat_interleave`` rewrites are not delegated either (5-D cat,
 ``expand_copy``; executorch 1.5.1). Two rewrites:
 
-1. **Phase convs** (``Upsample2D`` with its usual 3x3, stride 1, padding 1 conv). After nearest
+1. **Phase conv** (``Upsample2D`` with its usual 3x3, stride 1, padding 1 conv). After nearest
    2x, output pixel ``(2i + a, 2j + b)`` of the conv reads only 2x2 distinct input pixels, the
    same for every pixel of its *phase* ``(a, b)``: along one axis phase 0 sees
    ``x[i-1]*w0 + x[i]*(w1+w2)`` and phase 1 ``x[i]*(w0+w1) + x[i+1]*w2`` (:data:`_PHASE_TAPS`).
@@ -32,13 +32,16 @@ portable kernels between two delegated convs, costing a partition break and NHWC
    decoder's 3.4 s at 512x512 when every upsampler took it), and grouped transposed convs stay
    fp32 under int8.
 
-Why phase convs (``benchmarks/upsample_forms.py``: each upsampler shape of the full-size
+Why a phase conv (``benchmarks/upsample_forms.py``: each upsampler shape of the full-size
 models exported alone, x86, 2 threads): two other exact forms were measured and dropped. A 4x4
 stride-2 transposed conv (the same 2.25x fewer MACs) runs as XNNPACK's Subconv2D deconvolution,
-far below the IGEMM rate at many channels; one 3x3 conv to 4x the channels + depth-to-space
-(no MAC saving, 4x the weights) is IGEMM but does 2.25x the work. Phase convs were the fastest
-at every shape but the int8 decoder's last one (128 channels at 256x256), where the transposed
-conv is faster (results table). ARM (phone) kernels were not measured.
+far below the IGEMM rate at many channels (UNet 1280@16x16: 769 ms fp32, 173 ms int8, vs 109
+and 38 for the phase conv); one 3x3 conv to 4x the channels + depth-to-space (no MAC saving,
+4x the weights) is IGEMM but does 2.25x the work. The phase conv was fastest at 12 of the 14
+(shape, precision) pairs; at the decoder's last upsampler (128 channels at 256x256) it ties
+the transposed conv in int8 and is slower in fp32 (426 vs 365 ms): with few channels and a
+large image, its slices and depth-to-space copies dominate. ARM (phone) kernels were not
+measured.
 
 Both forms keep ``state_dict`` keys: the extra kernels are non-persistent buffers, and the phase
 kernel lives on the conv module itself, so its module path (``...upsamplers.0.conv``) still
