@@ -221,7 +221,7 @@ def export_pte(module: nn.Module, example_inputs: tuple, out_path: str | Path, *
             record = recording.record(program) if recording else program.get_etrecord()
         # Drop the lowered program (it holds the delegate's copy of the weights) before
         # serializing the record (a full one needs as much memory again for a moment) and
-        # before the runtime loads the written program.
+        # before a child process loads the written program (check_loads).
         del program, edge, ep
         release_freed_memory()
         if etrecord_path:
