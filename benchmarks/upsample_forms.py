@@ -19,14 +19,13 @@ from __future__ import annotations
 import argparse
 import copy
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import _common  # noqa: F401  (sets sys.path)
-from _common import write_results
+from _common import time_call, write_results
 
 # (channels, input size, batch, where the shape comes from)
 SHAPES = ((1280, 8, 2, "snapfusion UNet up 0"), (1280, 16, 2, "snapfusion UNet up 1"),
@@ -72,11 +71,9 @@ class _Subpixel(torch.nn.Module):
         self.register_buffer("bias", conv.bias.detach().repeat(4))
 
     def forward(self, x):
-        n, _, h, w = x.shape
-        y = F.conv2d(x, self.kernel, self.bias, padding=1)   # channel (2a + b) * out + o
-        out = y.shape[1] // 4
-        y = y.view(n, 2, 2, out, h, w).permute(0, 3, 4, 1, 5, 2)
-        return y.reshape(n, out, 2 * h, 2 * w)
+        from mobile_sd.surgery.xnnpack_upsample import depth_to_space
+
+        return depth_to_space(F.conv2d(x, self.kernel, self.bias, padding=1))
 
 
 def rewritten(eager, form: str):
@@ -96,13 +93,7 @@ def time_pte(path: Path, inputs: tuple, iters: int) -> float:
     from executorch.runtime import Runtime
 
     method = Runtime.get().load_program(path).load_method("forward")
-    method.execute(list(inputs))
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        method.execute(list(inputs))
-        times.append((time.perf_counter() - start) * 1e3)
-    return sorted(times)[len(times) // 2]
+    return time_call(lambda: method.execute(list(inputs)), iters=iters)["median_s"] * 1e3
 
 
 def measure(channels: int, size: int, batch: int, iters: int, folder: Path) -> dict:

@@ -96,7 +96,7 @@ def drop_unused_constants(ep: torch.export.ExportedProgram) -> list[str]:
     ExecuTorch drops those itself, e.g. every fp32 weight PT2E replaced by an int8 copy).
 
     ExecuTorch's own pass drops unused *parameters* only. A buffer left behind by a rewrite
-    (PT2E int8 replaces ``xnnpack_upsample``'s folded kernel by an int8 copy and leaves the fp32
+    (PT2E int8 replaces ``xnnpack_upsample``'s phase kernel by an int8 copy and leaves the fp32
     buffer unread) would otherwise be serialized into the ``.pte`` / ``.ptd``: 231 MB of dead
     fp32 (225 MiB) in the full-size int8 UNet before this pass.
     """

@@ -84,8 +84,15 @@ def upsample_conv_by_phases(x: torch.Tensor, kernel: torch.Tensor,
     out = y.shape[1] // 4
     # Phase (a, b) output (i, j) is its block at (i + a, j + b): the 2x2 window starting one
     # pixel up/left of (i, j) for a = 0, at (i, j) for a = 1 (same along j).
-    y = torch.cat([y[:, k * out:(k + 1) * out, a:a + h, b:b + w]
-                   for k, (a, b) in enumerate(PHASES)], dim=1)
+    return depth_to_space(torch.cat([y[:, k * out:(k + 1) * out, a:a + h, b:b + w]
+                                     for k, (a, b) in enumerate(PHASES)], dim=1))
+
+
+def depth_to_space(y: torch.Tensor) -> torch.Tensor:
+    """``[n, 4 * out, h, w]`` with channel ``(2a + b) * out + o`` (one block per phase, in
+    :data:`PHASES` order) -> ``[n, out, 2h, 2w]`` with that block at pixels ``(2i + a, 2j + b)``."""
+    n, channels, h, w = y.shape
+    out = channels // 4
     y = y.view(n, 2, 2, out, h, w).permute(0, 3, 4, 1, 5, 2)   # [n, out, h, a, w, b]
     return y.reshape(n, out, 2 * h, 2 * w)
 
