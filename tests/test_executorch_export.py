@@ -17,11 +17,13 @@ from mobile_sd.errors import (BackendUnavailableError, CalibrationError, RecipeE
                               UnsupportedOpError)
 from mobile_sd.exporters.executorch import (etdump_op_table, export_pte, run_pte,
                                             verify_bundled)
-from mobile_sd.surgery import (xnnpack_geglu, xnnpack_group_norm, xnnpack_layer_norm,
+from mobile_sd.surgery import (xnnpack_attention, xnnpack_geglu, xnnpack_group_norm,
+                               xnnpack_layer_norm,
                                xnnpack_upsample)
 from tiny_models import diffusers_tiny_unet
 
-XNNPACK_PASSES = (xnnpack_group_norm, xnnpack_layer_norm, xnnpack_upsample, xnnpack_geglu)
+XNNPACK_PASSES = (xnnpack_group_norm, xnnpack_layer_norm, xnnpack_upsample, xnnpack_geglu,
+                  xnnpack_attention)
 FP32_ATOL = 1e-4  # XNNPACK fp32 vs eager: different GEMM blocking/summation order only
 
 # int8 static SQNR floors (.pte output vs fp32 eager, on held-out "real-ish" inputs). Measured

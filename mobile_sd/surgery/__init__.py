@@ -13,6 +13,7 @@ xnnpack_group_norm         unet, decoder                GroupNorm as ops XNNPACK
 xnnpack_layer_norm         unet, text_encoder           LayerNorm as ops XNNPACK delegates
 xnnpack_upsample           unet, decoder                nearest 2x upsample folded into its conv
 xnnpack_geglu              unet                         GEGLU's chunk as two slices
+xnnpack_attention          unet, text_encoder, decoder  softmax scale folded into the query
 ========================== ============================ ==============================================
 
 The ``xnnpack_*`` passes are written as modules (module-level ``preserves_numerics``,
@@ -58,6 +59,7 @@ _PASSES: dict[str, tuple[str, str | None]] = {
     "xnnpack_layer_norm": ("mobile_sd.surgery.xnnpack_layer_norm", None),
     "xnnpack_upsample": ("mobile_sd.surgery.xnnpack_upsample", None),
     "xnnpack_geglu": ("mobile_sd.surgery.xnnpack_geglu", None),
+    "xnnpack_attention": ("mobile_sd.surgery.xnnpack_attention", None),
 }
 PASS_NAMES: tuple[str, ...] = tuple(_PASSES)
 # Each of these picks the attention kernel; a list naming two of them is a mistake.
@@ -79,8 +81,9 @@ def get_pass(name: str, **options) -> SurgeryPass:
 
 
 def xnnpack_passes_for(component: Component) -> list[str]:
-    """The ``xnnpack_*`` rewrites that apply to ``component``, in a valid order (they touch
-    disjoint module types, so any order is)."""
+    """The ``xnnpack_*`` rewrites that apply to ``component``, in registry order (they touch
+    disjoint module types; ``xnnpack_attention`` comes last and belongs after the attention
+    kernel pass, see :func:`apply_passes`)."""
     return [name for name in PASS_NAMES if name.startswith("xnnpack_")
             and component in get_pass(name).applies_to]
 
@@ -107,8 +110,10 @@ def apply_passes(module: "nn.Module", names: Sequence[str | SurgeryPass],
 
     Every pass is resolved and checked before the first one runs. Order: passes run as listed.
     ``linear_to_conv``, the attention-kernel passes and ``fp16_safe_attention_mask`` compose
-    in any order (each carries the others' choices over); the ``xnnpack_*`` rewrites touch only
-    norms, upsamplers and GEGLU and may go anywhere; ``cfg_fold`` changes the forward signature,
+    in any order (each carries the others' choices over); the ``xnnpack_*`` rewrites of norms,
+    upsamplers and GEGLU may go anywhere; ``xnnpack_attention`` is exact anywhere but only
+    removes the score multiply from attentions whose kernel is already chosen (run it after
+    ``attention_original``); ``cfg_fold`` changes the forward signature,
     so it must come last (enforced). Returns the module to continue with.
     """
     if component not in COMPONENTS:

@@ -46,7 +46,9 @@ class MatmulAttention(nn.Module):
                 layout: Layout = "bsc") -> torch.Tensor:
         batch = q.shape[0]
         q, k, v = (_split_heads(t, heads, layout) for t in (q, k, v))
-        scores = torch.bmm(q, k.transpose(1, 2)) * scale
+        scores = torch.bmm(q, k.transpose(1, 2))
+        if scale != 1.0:  # 1.0 once xnnpack_attention folded the scale into the query
+            scores = scores * scale
         if bias is not None:
             shape = scores.shape
             scores = (scores.reshape(batch, heads, *shape[1:]) + bias).reshape(shape)

@@ -132,7 +132,8 @@ class KernelAttnProcessor:
             out = out.transpose(1, 2).reshape(b, -1, h, w)
         if attn.residual_connection:
             out = out + residual
-        return out / attn.rescale_output_factor
+        # A divide by 1.0 still exports (and in int8 costs two requantizing converts).
+        return out if attn.rescale_output_factor == 1.0 else out / attn.rescale_output_factor
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(kernel={self.kernel!r})"

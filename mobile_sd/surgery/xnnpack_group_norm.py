@@ -51,7 +51,9 @@ class XnnpackGroupNorm(nn.GroupNorm):
             y = d * (scale * self.weight.reshape(shape)) + self.bias.reshape(shape)
         else:
             y = d * scale
-        return y.reshape(x.shape)
+        # No reshape on 4-D inputs: even a same-shape view_copy makes XNNPACK convert the
+        # whole tensor NHWC -> NCHW here and back before the next conv.
+        return y if x.dim() == 4 else y.reshape(x.shape)
 
 
 def _group_to_channel(norm: nn.GroupNorm) -> torch.Tensor:
