@@ -34,21 +34,31 @@ def _fold(projection: nn.Module, scale: float) -> None:
             projection.bias.mul_(scale)
 
 
-def _kernel_attentions(module: nn.Module):
-    """(attention, its query projection) for every attention whose kernel reads ``.scale``."""
+def _use_matmul_kernel(module: nn.Module) -> None:
+    """diffusers' ``AttnProcessor`` -> ``KernelAttnProcessor(MatmulAttention())`` (same math)."""
     from diffusers.models.attention_processor import Attention, AttnProcessor
 
     from mobile_sd.surgery.attention_original import MatmulAttention
-    from mobile_sd.surgery.base import KernelAttention, KernelAttnProcessor
+    from mobile_sd.surgery.base import KernelAttnProcessor
 
     for sub in module.modules():
-        if isinstance(sub, Attention):
-            if type(sub.processor) is AttnProcessor:
-                sub.set_processor(KernelAttnProcessor(MatmulAttention()))
-            if isinstance(sub.processor, KernelAttnProcessor):
-                yield sub, sub.to_q
-        elif isinstance(sub, KernelAttention):
-            yield sub, getattr(sub, "to_q", None) or getattr(sub, "q_proj")
+        if isinstance(sub, Attention) and type(sub.processor) is AttnProcessor:
+            sub.set_processor(KernelAttnProcessor(MatmulAttention()))
+
+
+def _scaled_attentions(module: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
+    """(attention, its query projection) for every attention whose kernel reads ``.scale``."""
+    from diffusers.models.attention_processor import Attention
+
+    from mobile_sd.surgery.base import KernelAttention, KernelAttnProcessor
+
+    found = []
+    for sub in module.modules():
+        if isinstance(sub, Attention) and isinstance(sub.processor, KernelAttnProcessor):
+            found.append((sub, sub.to_q))
+        elif isinstance(sub, KernelAttention):  # CLIPSelfAttention (q_proj), ConvAttention (to_q)
+            found.append((sub, sub.to_q if hasattr(sub, "to_q") else sub.q_proj))
+    return found
 
 
 def apply(module: nn.Module) -> int:
@@ -58,8 +68,9 @@ def apply(module: nn.Module) -> int:
     shapes stay. Returns the number of attentions rewritten; a second call finds scale 1 and
     changes nothing.
     """
+    _use_matmul_kernel(module)
     count = 0
-    for attn, to_q in list(_kernel_attentions(module)):
+    for attn, to_q in _scaled_attentions(module):
         if attn.scale != 1.0:
             _fold(to_q, attn.scale)
             attn.scale = 1.0
