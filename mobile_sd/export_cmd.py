@@ -43,7 +43,7 @@ def surgery_passes(recipe: Recipe, settings: ResolvedComponent) -> list[str]:
     if recipe.format == "executorch" and recipe.backend == "xnnpack":
         from mobile_sd.surgery import xnnpack_passes_for
 
-        passes += xnnpack_passes_for(settings.name)
+        passes += xnnpack_passes_for(settings.name, settings.precision)
     passes += [p for p in settings.passes if p not in passes]
     if settings.name == "unet" and recipe.cfg == "folded":
         passes.append("cfg_fold")

@@ -6,6 +6,7 @@ the parity / delegation / bundled / ETDump tests. Tiny-UNet int8 and the decoder
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -315,6 +316,30 @@ def test_int8_ships_no_unread_fp32_buffers(tmp_path):
                         calibration=resup_samples(4, seed=1), separate_weights=True)
     assert not [k for k in _ptd_keys(result.ptd_path) if "_phase_weight" in k]
     assert any("upsample.conv._phase_weight" in note for note in result.notes)
+
+
+def test_conv_split_exports_chunks_not_the_unread_weight(tmp_path):
+    from mobile_sd.surgery import xnnpack_conv_split
+
+    class WideConv(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.wide, self.head = nn.Conv2d(700, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+
+        def forward(self, x):
+            return self.head(self.wide(x))
+
+    model = WideConv().eval()
+    xnnpack_conv_split.apply(model)
+    x = torch.randn(1, 700, 6, 6)
+    result = export_pte(model, (x,), tmp_path / "c.pte", separate_weights=True)
+    assert _max_err(run_pte(result.pte_path, (x,)), [model(x)]) <= FP32_ATOL
+    assert result.delegation["partitions"] == {"XnnpackBackend": 1}
+    assert not result.delegation["portable_ops"]
+    keys = _ptd_keys(result.ptd_path)
+    assert not [k for k in keys if k.endswith("wide.weight")]   # the conv's own weight: unread
+    # Weights once (the two chunk kernels), not twice: 700 x 8 x 9 fp32 values = 201,600 B.
+    assert Path(result.ptd_path).stat().st_size < 1.5 * 700 * 8 * 9 * 4
 
 
 def test_drop_unused_constants_keeps_what_is_read():

@@ -7,12 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-from mobile_sd.surgery import (xnnpack_attention, xnnpack_geglu, xnnpack_group_norm,
-                               xnnpack_layer_norm, xnnpack_upsample)
+from mobile_sd.surgery import (xnnpack_attention, xnnpack_conv_split, xnnpack_geglu,
+                               xnnpack_group_norm, xnnpack_layer_norm, xnnpack_passes_for,
+                               xnnpack_upsample)
 from tiny_models import diffusers_tiny_unet
 
 PASSES = (xnnpack_group_norm, xnnpack_layer_norm, xnnpack_upsample, xnnpack_geglu,
-          xnnpack_attention)
+          xnnpack_attention, xnnpack_conv_split)
 ATOL = 1e-5  # fp32 re-association of mean/variance; the rewrites are exact in exact arithmetic
 
 
@@ -118,6 +119,25 @@ def test_attention_scale_fold_skips_sdpa_and_folds_clip():
         assert (rewritten(x)[0] - want).abs().max().item() <= ATOL * max(1.0, want.abs().max())
 
 
+@pytest.mark.parametrize("in_channels,chunks", [(700, 2), (1280, 2), (1300, 3), (640, 0)])
+def test_conv_split_matches(in_channels, chunks):
+    conv = _randomize(nn.Conv2d(in_channels, 16, 3, padding=1))
+    x = torch.randn(2, in_channels, 6, 5)
+    err, count = _max_err(conv, xnnpack_conv_split, x)
+    assert count == (1 if chunks else 0) and err <= ATOL * max(1.0, conv(x).abs().max().item())
+    rewritten = copy.deepcopy(conv)
+    xnnpack_conv_split.apply(rewritten)
+    assert rewritten.state_dict().keys() == conv.state_dict().keys()
+    assert len([name for name, _ in rewritten.named_buffers() if "_chunk_weight" in name]) == chunks
+
+
+def test_conv_split_only_for_float_convs():
+    assert "xnnpack_conv_split" in xnnpack_passes_for("unet", "fp32")
+    assert "xnnpack_conv_split" in xnnpack_passes_for("decoder", "int8_dynamic")
+    assert "xnnpack_conv_split" not in xnnpack_passes_for("unet", "int8")
+    assert "xnnpack_conv_split" in xnnpack_passes_for("unet")  # no precision: every pass
+
+
 @pytest.mark.parametrize("use_conv", [True, False])
 def test_upsample_matches(use_conv):
     from diffusers.models.upsampling import Upsample2D
@@ -182,7 +202,8 @@ def test_passes_on_tiny_unet_preserve_numerics_and_state_dict():
     rewritten = copy.deepcopy(unet)
     counts = {p.__name__.rsplit(".", 1)[-1]: p.apply(rewritten) for p in PASSES}
     assert counts == {"xnnpack_group_norm": 21, "xnnpack_layer_norm": 12,
-                      "xnnpack_upsample": 1, "xnnpack_geglu": 4, "xnnpack_attention": 8}
+                      "xnnpack_upsample": 1, "xnnpack_geglu": 4, "xnnpack_attention": 8,
+                      "xnnpack_conv_split": 0}  # the tiny UNet's convs are all <= 640 wide
     inputs = (torch.randn(1, 4, 16, 16), torch.tensor([500.0]), torch.randn(1, 77, 32))
     with torch.no_grad():
         want, got = unet(*inputs).sample, rewritten(*inputs).sample

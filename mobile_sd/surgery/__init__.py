@@ -14,6 +14,7 @@ xnnpack_layer_norm         unet, text_encoder           LayerNorm as ops XNNPACK
 xnnpack_upsample           unet, decoder                nearest 2x upsample folded into its conv
 xnnpack_geglu              unet                         GEGLU's chunk as two slices
 xnnpack_attention          unet, text_encoder, decoder  softmax scale folded into the query
+xnnpack_conv_split         unet, decoder                fp32 convs over > 640 input channels chunked
 ========================== ============================ ==============================================
 
 The ``xnnpack_*`` passes are written as modules (module-level ``preserves_numerics``,
@@ -60,6 +61,7 @@ _PASSES: dict[str, tuple[str, str | None]] = {
     "xnnpack_upsample": ("mobile_sd.surgery.xnnpack_upsample", None),
     "xnnpack_geglu": ("mobile_sd.surgery.xnnpack_geglu", None),
     "xnnpack_attention": ("mobile_sd.surgery.xnnpack_attention", None),
+    "xnnpack_conv_split": ("mobile_sd.surgery.xnnpack_conv_split", None),
 }
 PASS_NAMES: tuple[str, ...] = tuple(_PASSES)
 # Each of these picks the attention kernel; a list naming two of them is a mistake.
@@ -80,12 +82,19 @@ def get_pass(name: str, **options) -> SurgeryPass:
                           f"{', '.join(sorted(options))}: {exc}") from exc
 
 
-def xnnpack_passes_for(component: Component) -> list[str]:
-    """The ``xnnpack_*`` rewrites that apply to ``component``, in registry order (they touch
-    disjoint module types; ``xnnpack_attention`` comes last and belongs after the attention
-    kernel pass, see :func:`apply_passes`)."""
-    return [name for name in PASS_NAMES if name.startswith("xnnpack_")
-            and component in get_pass(name).applies_to]
+def xnnpack_passes_for(component: Component, precision: str | None = None) -> list[str]:
+    """The ``xnnpack_*`` rewrites that apply to ``component`` (exported at ``precision``; None:
+    any), in registry order: ``xnnpack_attention`` belongs after the attention kernel pass and
+    ``xnnpack_conv_split`` after ``xnnpack_upsample`` (see :func:`apply_passes`)."""
+    names = []
+    for name in PASS_NAMES:
+        if not name.startswith("xnnpack_"):
+            continue
+        p = get_pass(name)
+        if component in p.applies_to and (precision is None or not p.precisions
+                                          or precision in p.precisions):
+            names.append(name)
+    return names
 
 
 class ModulePass(SurgeryPass):
@@ -96,6 +105,7 @@ class ModulePass(SurgeryPass):
         self.name = name
         self.preserves_numerics = bool(module.preserves_numerics)
         self.applies_to = frozenset(module.applies_to)
+        self.precisions = tuple(getattr(module, "precisions", ()))
         self.__doc__ = module.__doc__
         self._apply = module.apply
 
@@ -113,7 +123,9 @@ def apply_passes(module: "nn.Module", names: Sequence[str | SurgeryPass],
     in any order (each carries the others' choices over); the ``xnnpack_*`` rewrites of norms,
     upsamplers and GEGLU may go anywhere; ``xnnpack_attention`` is exact anywhere but only
     removes the score multiply from attentions whose kernel is already chosen (run it after
-    ``attention_original``); ``cfg_fold`` changes the forward signature,
+    ``attention_original``); ``xnnpack_conv_split`` only rewrites plain convs, so it leaves the
+    upsamplers' convs plain unless it runs before ``xnnpack_upsample``; ``cfg_fold`` changes
+    the forward signature,
     so it must come last (enforced). Returns the module to continue with.
     """
     if component not in COMPONENTS:

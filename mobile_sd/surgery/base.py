@@ -39,6 +39,8 @@ class SurgeryPass(abc.ABC):
     applies_to: ClassVar[frozenset[str]]
     # A wrapper changes the forward signature, so it must be the last pass of a list.
     returns_wrapper: ClassVar[bool] = False
+    # Export precisions the rewrite is meant for (empty: all); the rewrite is exact at any.
+    precisions: ClassVar[tuple[str, ...]] = ()
 
     @abc.abstractmethod
     def apply(self, module: nn.Module) -> nn.Module:
