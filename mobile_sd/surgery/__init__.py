@@ -86,15 +86,9 @@ def xnnpack_passes_for(component: Component, precision: str | None = None) -> li
     """The ``xnnpack_*`` rewrites that apply to ``component`` (exported at ``precision``; None:
     any), in registry order: ``xnnpack_attention`` belongs after the attention kernel pass and
     ``xnnpack_conv_split`` after ``xnnpack_upsample`` (see :func:`apply_passes`)."""
-    names = []
-    for name in PASS_NAMES:
-        if not name.startswith("xnnpack_"):
-            continue
-        p = get_pass(name)
-        if component in p.applies_to and (precision is None or not p.precisions
-                                          or precision in p.precisions):
-            names.append(name)
-    return names
+    passes = [get_pass(name) for name in PASS_NAMES if name.startswith("xnnpack_")]
+    return [p.name for p in passes if component in p.applies_to
+            and (precision is None or not p.precisions or precision in p.precisions)]
 
 
 class ModulePass(SurgeryPass):

@@ -23,6 +23,8 @@ Run after ``xnnpack_upsample``, whose convs it leaves alone (only plain ``nn.Con
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -47,7 +49,8 @@ class ChannelChunkConv2d(nn.Conv2d):
         return out
 
     def _chunk_kernels(self) -> list[torch.Tensor]:
-        return [getattr(self, f"_chunk_weight_{i}") for i in range(self._chunks)]
+        chunks = math.ceil(self.in_channels / MAX_IN_CHANNELS)
+        return [getattr(self, f"_chunk_weight_{i}") for i in range(chunks)]
 
 
 def _splittable(conv: nn.Module) -> bool:
@@ -63,6 +66,5 @@ def apply(module: nn.Module) -> int:
         chunks = conv.weight.detach().split(MAX_IN_CHANNELS, dim=1)
         for i, kernel in enumerate(chunks):
             conv.register_buffer(f"_chunk_weight_{i}", kernel.clone(), persistent=False)
-        conv._chunks = len(chunks)
         conv.__class__ = ChannelChunkConv2d
     return len(targets)
