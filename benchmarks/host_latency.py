@@ -73,7 +73,7 @@ def eager_worker(spec: str, component: str, recipe: str, iters: int, threads: in
     no other surgery: this is the plain PyTorch path)."""
     import torch
 
-    from mobile_sd.export_cmd import build_component
+    from mobile_sd.export.engine import build_component
     from mobile_sd.models.zoo import build_model
     from mobile_sd.recipes import load_recipe
     from mobile_sd.utils.env import peak_rss_mb

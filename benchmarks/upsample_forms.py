@@ -97,8 +97,8 @@ def time_pte(path: Path, inputs: tuple, iters: int) -> float:
 
 
 def measure(channels: int, size: int, batch: int, iters: int, folder: Path) -> dict:
-    from mobile_sd.exporters.executorch import export_pte
-    from mobile_sd.exporters.et_runtime import run_pte
+    from mobile_sd.export.executorch.lower import export_pte
+    from mobile_sd.runtimes.pte import run_pte
 
     eager = upsampler(channels, seed=channels + size)
     gen = torch.Generator().manual_seed(0)
@@ -131,7 +131,7 @@ def main() -> None:
     args = parser.parse_args()
     from tqdm.auto import tqdm
 
-    from mobile_sd.exporters.et_runtime import set_threads
+    from mobile_sd.runtimes.pte import set_threads
 
     set_threads(args.threads)
     rows = []

@@ -68,5 +68,9 @@ class ParityError(MobileSDError):
     """A parity run cannot start: missing manifest, sha256 mismatch, I/O differs from manifest."""
 
 
+class ManifestError(ParityError):
+    """An export folder's ``manifest.json`` is missing, malformed, or does not match its files."""
+
+
 class DeviceError(MobileSDError):
     """A benchmark device is missing, lost, out of storage, or its runner crashed / timed out."""

@@ -14,11 +14,11 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal, Mapping
+from typing import Any, Literal, Mapping, Union
 
-from mobile_sd.components import COMPONENT_NAMES
+from mobile_sd.names import COMPONENT_NAMES, check_component_names
 from mobile_sd.config import from_dict, load_yaml, to_dict
-from mobile_sd.errors import RecipeError
+from mobile_sd.errors import RecipeError, SpecError
 
 Attention = Literal["original", "split_einsum", "split_einsum_v2"]
 Precision = Literal["fp32", "fp16", "int8", "int8_dynamic", "int4_weight"]
@@ -65,8 +65,55 @@ class MixedBitRecipe:
     max_layers: int = 64                 # measure the largest N weight tensors only
 
 
+# ----------------------------------------------------------------------------- format groups
+@dataclass(frozen=True)
+class CoreMLOptions:
+    """Options of ``format: coreml`` (Core ML packages)."""
+    compression: Any = None              # three levels: global_ < op_type < op_name (compress/)
+    mixed_bit: MixedBitRecipe | None = None
+    unet_chunk_max_bytes: int | None = None
+
+    def problems(self, recipe: "Recipe"):
+        if self.unet_chunk_max_bytes is not None and self.unet_chunk_max_bytes <= 0:
+            yield (f"unet_chunk_max_bytes must be a positive number of bytes (e.g. 1000000000 "
+                   f"for the iPhone's ~1 GB per model), got {self.unet_chunk_max_bytes}")
+
+
+@dataclass(frozen=True)
+class ExecuTorchOptions:
+    """Options of ``format: executorch`` (``.pte`` programs)."""
+    weights: Literal["inline", "separate"] = "inline"
+    bundled_io: bool = True
+    etrecord: Literal["none", "graph", "full"] = "graph"   # graph: weights left out (see
+                                                         # export/executorch/etrecord.py)
+    qnn_soc: str = "SM8650"
+
+    def problems(self, recipe: "Recipe"):
+        return iter(())
+
+
+@dataclass(frozen=True)
+class OnnxOptions:
+    """Options of ``format: onnx``."""
+    onnx_opset: int = 20
+
+    def problems(self, recipe: "Recipe"):
+        return iter(())
+
+
+FormatOptions = Union[CoreMLOptions, ExecuTorchOptions, OnnxOptions]
+FORMAT_OPTIONS: dict[str, type] = {"coreml": CoreMLOptions, "executorch": ExecuTorchOptions,
+                                   "onnx": OnnxOptions}
+
+
 @dataclass(frozen=True)
 class Recipe:
+    """One export: what every format shares, plus ``options`` of its own format.
+
+    The YAML file is flat (``weights: separate`` beside ``precision``); :func:`load_recipe`
+    routes each key to the shared fields or to the format's options group, and a key of
+    another format's group is an error naming that format.
+    """
     name: str
     format: Literal["coreml", "executorch", "onnx"]
     description: str = ""
@@ -77,34 +124,32 @@ class Recipe:
     latent_size: int = 64
     cfg: Literal["batch2", "folded"] = "batch2"
     attention: Attention = "original"
-    compression: Any = None
-    mixed_bit: MixedBitRecipe | None = None
-    unet_chunk_max_bytes: int | None = None
-    weights: Literal["inline", "separate"] = "inline"
-    bundled_io: bool = True
-    etrecord: Literal["none", "graph", "full"] = "graph"   # graph: weights left out (see
-                                                         # exporters/et_etrecord.py)
-    onnx_opset: int = 20
-    qnn_soc: str = "SM8650"
     components: Mapping[str, ComponentRecipe] = field(default_factory=dict)
     calibration: CalibrationRecipe = field(default_factory=CalibrationRecipe)
     parity: ParityBudget = field(default_factory=ParityBudget)
+    options: FormatOptions | None = None   # None: the format's defaults
 
     def __post_init__(self) -> None:
-        unknown = sorted(set(self.components) - set(COMPONENT_NAMES))
-        if unknown:
-            raise ValueError(f"components: unknown component {', '.join(map(repr, unknown))}; "
-                             f"valid components: {', '.join(COMPONENT_NAMES)}")
+        if self.options is None and self.format in FORMAT_OPTIONS:
+            object.__setattr__(self, "options", FORMAT_OPTIONS[self.format]())
+        check_component_names(self.components, "components", ValueError)
         for problem in _conflicts(self):
             raise ValueError(problem)
+
+    @classmethod
+    def from_flat(cls, where: str = "recipe", error: type[SpecError] = RecipeError,
+                  **data) -> "Recipe":
+        """A recipe from flat keys, as in a YAML file (see :func:`load_recipe`)."""
+        return _from_flat(data, where, error)
 
     def component(self, name: str) -> "ResolvedComponent":
         """The effective settings of one component (defaults + overrides)."""
         over = self.components.get(name, ComponentRecipe())
+        top = getattr(self.options, "compression", None)
         return ResolvedComponent(
             name=name, export=over.export, attention=over.attention or self.attention,
             precision=over.precision or self.precision,
-            compression=over.compression if over.compression is not None else self.compression,
+            compression=over.compression if over.compression is not None else top,
             passes=over.passes, fp32_fallback=over.fp32_fallback,
             min_psnr_db=over.min_psnr_db or self.parity.component_min_psnr_db)
 
@@ -112,7 +157,10 @@ class Recipe:
         return [n for n in COMPONENT_NAMES if self.component(n).export]
 
     def to_dict(self) -> dict:
-        return to_dict(self)
+        """The flat form a YAML file holds (the options group's keys beside the shared ones)."""
+        data = {f.name: to_dict(getattr(self, f.name)) for f in dataclasses.fields(self)
+                if f.name != "options"}
+        return {**data, **to_dict(self.options)}
 
 
 @dataclass(frozen=True)
@@ -127,6 +175,38 @@ class ResolvedComponent:
     min_psnr_db: float
 
 
+_SHARED_KEYS = tuple(f.name for f in dataclasses.fields(Recipe) if f.name != "options")
+
+
+def _from_flat(data: dict, where: str, error: type[SpecError]) -> Recipe:
+    """Split flat keys into the shared fields and the format's options group."""
+    fmt = data.get("format")
+    group = FORMAT_OPTIONS.get(fmt) if isinstance(fmt, str) else None
+    own = {f.name for f in dataclasses.fields(group)} if group else set()
+    shared, options = {}, {}
+    for key, value in data.items():
+        if key in _SHARED_KEYS:
+            shared[key] = value
+        elif key in own:
+            options[key] = value
+        else:
+            raise error(_unknown_key(key, fmt, own, where))
+    recipe = from_dict(Recipe, shared, where=where, error=error)
+    if group is None:
+        return recipe
+    return dataclasses.replace(recipe, options=from_dict(group, options, where=where, error=error))
+
+
+def _unknown_key(key: str, fmt, own: set[str], where: str) -> str:
+    owners = [name for name, cls in FORMAT_OPTIONS.items()
+              if key in {f.name for f in dataclasses.fields(cls)}]
+    valid = ", ".join(sorted(set(_SHARED_KEYS) | own))
+    if owners:
+        return (f"{where}: '{key}' is an option of format {' / '.join(map(repr, owners))}, not "
+                f"of format {fmt!r}; valid keys for {fmt!r}: {valid}")
+    return f"{where}: unknown key '{key}'; valid keys: {valid}"
+
+
 _BACKENDS = {"coreml": {"coreml"}, "executorch": {"xnnpack", "coreml", "qnn"},
              "onnx": {"onnxruntime"}}
 _PRECISIONS = {("coreml", "coreml"): {"fp16", "fp32"},
@@ -137,10 +217,14 @@ _PRECISIONS = {("coreml", "coreml"): {"fp16", "fp32"},
 
 
 def _conflicts(r: Recipe):
-    """Yield a message for each option that cannot go with another."""
+    """Yield a message for each shared option that cannot go with another; the format's
+    options group checks its own (``problems``)."""
     if r.backend not in _BACKENDS[r.format]:
         yield (f"backend {r.backend!r} is not available for format {r.format!r}; valid: "
                f"{', '.join(sorted(_BACKENDS[r.format]))}")
+        return
+    if not isinstance(r.options, FORMAT_OPTIONS[r.format]):
+        yield f"options of format {r.format!r} must be {FORMAT_OPTIONS[r.format].__name__}"
         return
     allowed = _PRECISIONS[(r.format, r.backend)]
     for name in COMPONENT_NAMES:
@@ -149,6 +233,9 @@ def _conflicts(r: Recipe):
         if precision not in allowed:
             yield (f"precision {precision!r} ({name}) is not supported by {r.format}/{r.backend};"
                    f" valid: {', '.join(sorted(allowed))}")
+        if over.compression is not None and r.format != "coreml":
+            yield ("compression (palettization / Core ML weight quantization) applies to format "
+                   "'coreml'; for ExecuTorch/ONNX use 'precision' (int8, int8_dynamic, int4_weight)")
     if r.interface == "swift" and (r.format != "coreml" or r.cfg != "batch2"):
         yield ("interface 'swift' (Apple's StableDiffusion Swift package) needs format 'coreml' "
                "and cfg 'batch2': the Swift pipeline runs guidance itself")
@@ -158,19 +245,9 @@ def _conflicts(r: Recipe):
     if not apple and r.target in ("iOS17", "iOS18"):
         yield (f"target {r.target!r} needs backend 'coreml'; backend {r.backend!r} targets "
                "'android' or 'host'")
-    if r.format != "coreml" and (r.compression is not None or r.mixed_bit is not None
-                                 or any(c.compression is not None for c in r.components.values())):
-        yield ("compression (palettization / Core ML weight quantization) applies to format "
-               "'coreml'; for ExecuTorch/ONNX use 'precision' (int8, int8_dynamic, int4_weight)")
-    if r.unet_chunk_max_bytes is not None and r.format != "coreml":
-        yield "unet_chunk_max_bytes (UNet chunking) applies to format 'coreml' only"
-    if r.unet_chunk_max_bytes is not None and r.unet_chunk_max_bytes <= 0:
-        yield (f"unet_chunk_max_bytes must be a positive number of bytes (e.g. 1000000000 for "
-               f"the iPhone's ~1 GB per model), got {r.unet_chunk_max_bytes}")
-    if r.weights == "separate" and r.format != "executorch":
-        yield "weights: separate (.ptd file) applies to format 'executorch' only"
     if r.latent_size % 8 or r.latent_size <= 0:
         yield f"latent_size must be a positive multiple of 8, got {r.latent_size}"
+    yield from r.options.problems(r)
     if not r.exported_components():
         yield "every component has export: false; nothing to export"
 
@@ -183,7 +260,10 @@ def load_recipe(path: str | Path) -> Recipe:
         names = sorted(p.name for p in shipped.glob("*.yaml")) if shipped.is_dir() else []
         raise RecipeError(f"{path}: no such recipe file" +
                           (f"; shipped recipes: {', '.join(names)}" if names else ""))
-    recipe = from_dict(Recipe, load_yaml(path, RecipeError), where=path.name, error=RecipeError)
+    try:
+        recipe = _from_flat(load_yaml(path, RecipeError), path.name, RecipeError)
+    except ValueError as exc:   # Recipe.__post_init__: options that cannot go together
+        raise RecipeError(f"{path.name}: {exc}") from None
     return _check_compression(recipe, path.name)
 
 
@@ -193,11 +273,13 @@ def _check_compression(recipe: Recipe, where: str) -> Recipe:
         return recipe
     from mobile_sd.compress.recipe import check_mixed_bit, parse_compression
 
-    top = parse_compression(recipe.compression, recipe.target, f"{where}: compression")
+    options = recipe.options
+    top = parse_compression(options.compression, recipe.target, f"{where}: compression")
     comps = {name: dataclasses.replace(c, compression=parse_compression(
                  c.compression, recipe.target, f"{where}: components.{name}.compression"))
              if c.compression is not None else c for name, c in recipe.components.items()}
-    recipe = dataclasses.replace(recipe, compression=top, components=MappingProxyType(comps))
-    check_mixed_bit(recipe.mixed_bit, recipe.component("unet").compression, recipe.target,
+    recipe = dataclasses.replace(recipe, options=dataclasses.replace(options, compression=top),
+                                 components=MappingProxyType(comps))
+    check_mixed_bit(options.mixed_bit, recipe.component("unet").compression, recipe.target,
                     f"{where}: mixed_bit")
     return recipe

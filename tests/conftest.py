@@ -1,13 +1,7 @@
 """Shared fixtures: tiny model folders written once per test session, the CLI runner."""
 from __future__ import annotations
 
-import os
-import warnings
-
 import pytest
-
-warnings.filterwarnings("ignore")
-os.environ.setdefault("PYTHONWARNINGS", "ignore")
 
 
 def pytest_addoption(parser):
@@ -49,10 +43,30 @@ def sd15_tiny_folder(tmp_path_factory):
 @pytest.fixture
 def cli(capsys):
     """Run ``mobile-sd ARGS`` in-process; returns (exit code, stdout, stderr)."""
-    from mobile_sd.cli import main
+    from mobile_sd.commands.cli import main
 
     def run(*args):
         code = main([str(a) for a in args])
         out, err = capsys.readouterr()
         return code, out, err
     return run
+
+
+@pytest.fixture(scope="session")
+def exports(tmp_path_factory):
+    """Micro-spec export folders (ONNX, ExecuTorch, Core ML) built once per session."""
+    from tests.helpers.parity_exports import ParityExports
+
+    return ParityExports(tmp_path_factory.mktemp("parity-exports"))
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models on a shared 2-core machine run ~100x faster on one thread (thread
+    contention dominates). Folders of such tests use it autouse in their conftest."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -9,7 +9,9 @@ import yaml
 from mobile_sd.errors import RecipeError
 from mobile_sd.recipes import load_recipe
 
-RECIPES = sorted((Path(__file__).resolve().parents[1] / "export_recipes").glob("*.yaml"))
+from tests.helpers.paths import RECIPES as _RECIPE_DIR  # noqa: E402
+
+RECIPES = sorted(_RECIPE_DIR.glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)

@@ -1,8 +1,8 @@
 """Device side of the runner: load one artifact with its runtime and time it.
 
 Imported only by ``python -m mobile_sd.bench.runner``; each runtime is imported inside its
-function, so timing an ONNX file never imports torch. Kept minimal on purpose (the exporters'
-``run_pte`` will be the one shared implementation later).
+function, so timing an ONNX file never imports torch. Programs are loaded the one way
+:mod:`mobile_sd.runtimes` loads them.
 """
 from __future__ import annotations
 
@@ -14,16 +14,14 @@ from pathlib import Path
 from typing import Callable
 
 from mobile_sd.errors import BackendUnavailableError
+from mobile_sd.utils.env import peak_rss_mb
 
-#: manifest backend -> name ExecuTorch registers it under.
-ET_BACKENDS = {"xnnpack": "XnnpackBackend", "coreml": "CoreMLBackend", "qnn": "QnnBackend",
-               "vulkan": "VulkanBackend", "openvino": "OpenvinoBackend", "mps": "MPSBackend"}
 
 
 def bench_artifact(artifact: Path, args: argparse.Namespace,
                    time_loop: Callable[[Callable[[], object], int, int], dict]) -> dict:
     """Load ``artifact``, run warm-up + timed iterations; return the result-line fields."""
-    from mobile_sd.bench.runner import load_inputs_arg, make_inputs
+    from mobile_sd.bench.inputs import load_inputs_arg, make_inputs
 
     if not artifact.exists():
         raise FileNotFoundError(f"artifact {artifact} does not exist on this device")
@@ -40,26 +38,22 @@ def bench_artifact(artifact: Path, args: argparse.Namespace,
 
 def _bench_pte(path: Path, inputs: dict, args, time_loop) -> dict:
     import torch
-    from executorch.runtime import Runtime
 
-    runtime = Runtime.get()
-    needed = ET_BACKENDS.get((args.backend or "").lower())
-    if needed and not runtime.backend_registry.is_available(needed):
+    from mobile_sd.runtimes.pte import load_program, missing_backend, registered_backends, set_threads
+
+    needed = missing_backend(args.backend)
+    if needed:
         raise BackendUnavailableError(
             f"{path.name} is delegated to {needed}, which this ExecuTorch runtime does not "
-            f"register (it has {runtime.backend_registry.registered_backend_names}); run it on "
-            "a device whose runtime includes that backend (Core ML: an Apple device)")
-    if args.threads:
-        # Must happen before a method is loaded: resetting later crashes (stack.md).
-        from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
-
-        _unsafe_reset_threadpool(args.threads)
+            f"register (it has {registered_backends()}); run it on a device whose runtime "
+            "includes that backend (Core ML: an Apple device)")
+    set_threads(args.threads)  # before a method is loaded: resetting later crashes
     tensors = [torch.from_numpy(a) for a in inputs.values()]
     rss_before = peak_rss_mb()
 
     def load(etdump: bool):
-        program = runtime.load_program(path, enable_etdump=etdump,
-                                       data_path=args.data_path)
+        data = Path(args.data_path) if args.data_path else None
+        program = load_program(path, data, enable_etdump=etdump)
         names = sorted(program.method_names)
         method = program.load_method("forward" if "forward" in names else names[0])
         _check_pte_inputs(method.metadata, inputs)
@@ -97,12 +91,11 @@ def _check_pte_inputs(meta, inputs: dict) -> None:
 def _bench_onnx(path: Path, inputs: dict, args, time_loop) -> dict:
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    if args.threads:
-        options.intra_op_num_threads = args.threads
+    from mobile_sd.runtimes.ort import cpu_session
+
     rss_before = peak_rss_mb()
     start = time.perf_counter()
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = cpu_session(path, args.threads, quiet=False)
     load_ms = (time.perf_counter() - start) * 1e3
     names = [i.name for i in session.get_inputs()]
     if sorted(names) != sorted(inputs):
@@ -133,23 +126,6 @@ def _bench_coreml(path: Path, inputs: dict, args, time_loop) -> dict:
             "load_ms": load_ms, **times, "rss_before_load_mb": rss_before,
             "peak_rss_mb": peak_rss_mb(), "etdump": None, "etdump_skip_runs": 0,
             "placement": compute_plan_placement(model, units)}
-
-
-def peak_rss_mb() -> float:
-    """Peak RSS of this process in MiB.
-
-    Linux's ``ru_maxrss`` survives ``exec``: a runner started from a 400 MB pytest or CLI
-    process would report at least 400 MB. ``VmHWM`` belongs to the new address space only.
-    """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    from mobile_sd.utils.env import peak_rss_mb as rusage_peak
-
-    return rusage_peak()
 
 
 def compute_plan_placement(model, units: str) -> dict | None:

@@ -8,8 +8,8 @@ One 512x512 image costs::
 
 >>> calls = calls_per_image(steps=8, cfg="batch2", text_batch=1, unet_batch=2)
 >>> calls
-{'text_encoder': 2, 'unet': 8, 'vae_decoder': 1}
->>> est = estimate(dict(text_encoder=4.0, unet=230.0, vae_decoder=116.0), calls)
+{'text_encoder': 2, 'unet': 8, 'decoder': 1}
+>>> est = estimate(dict(text_encoder=4.0, unet=230.0, decoder=116.0), calls)
 >>> est["total_ms"], compare(est)["total"]["ratio"]
 (1964.0, 1.002)
 """
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+from mobile_sd.names import COMPONENT_NAMES as COMPONENTS  # noqa: E402
 CFG_MODES = ("batch2", "folded", "none")
 
 
@@ -34,14 +34,13 @@ class PaperBudget:
 
 
 #: SnapFusion on iPhone 14 Pro. 2 x 4 + 8 x 230 + 116 = 1,964 ms; the paper rounds to 1.96 s.
-#: Whether 230 ms covers both guidance branches is not stated (snapfusion.md).
+#: Whether 230 ms covers both guidance branches is not stated (docs/snapfusion.md).
 SNAPFUSION_IPHONE_14_PRO = PaperBudget(
     system="SnapFusion", device="iPhone 14 Pro (A16)",
-    per_call_ms={"text_encoder": 4.0, "unet": 230.0, "vae_decoder": 116.0},
-    calls={"text_encoder": 2, "unet": 8, "vae_decoder": 1}, total_ms=1960.0,
+    per_call_ms={"text_encoder": 4.0, "unet": 230.0, "decoder": 116.0},
+    calls={"text_encoder": 2, "unet": 8, "decoder": 1}, total_ms=1960.0,
     source="Li et al., 'SnapFusion: Text-to-Image Diffusion Model on Mobile Devices within Two "
-           "Seconds', NeurIPS 2023, arXiv:2306.00980 v3 (as summarized in "
-           "shared/reference/snapfusion.md)")
+           "Seconds', NeurIPS 2023, arXiv:2306.00980 v3 (figures in docs/snapfusion.md)")
 
 
 def calls_per_image(steps: int, cfg: str, text_batch: int, unet_batch: int) -> dict:
@@ -60,7 +59,7 @@ def calls_per_image(steps: int, cfg: str, text_batch: int, unet_batch: int) -> d
     guided = cfg != "none"
     text = 2 if guided and text_batch < 2 else 1
     unet_per_step = 2 if cfg == "batch2" and unet_batch < 2 else 1
-    return {"text_encoder": text, "unet": steps * unet_per_step, "vae_decoder": 1}
+    return {"text_encoder": text, "unet": steps * unet_per_step, "decoder": 1}
 
 
 def estimate(per_call_ms: dict, calls: dict) -> dict:

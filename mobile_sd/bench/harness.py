@@ -25,14 +25,14 @@ UNSUPPORTED = {
 
 
 def run_bench(artifact_dir: Path, target: str, warmup: int, iters: int, out_dir: Path,
-              runner: Path | None = None, *, timeout_s: float = 1800.0, profile_ops: bool = True,
-              render: bool = True) -> list[dict]:
+              runner: Path | None = None, *, timeout_s: float = 1800.0,
+              profile_ops: bool = True) -> list[dict]:
     """Benchmark ``artifact_dir`` on ``target``; return this run's result records.
 
     ``target``: ``local``, ``adb[:SERIAL]``, ``ios[:UDID]``, ``mac[:UNITS]``. ``runner``: the
     Android ``executor_runner`` (required for adb). ``timeout_s`` bounds one artifact's run.
     ``profile_ops`` collects an ETDump per ``.pte`` for the per-op table. Results go to
-    ``out_dir/bench.jsonl``; with ``render`` the Markdown report and plots are rewritten too.
+    ``out_dir/bench.jsonl`` (``mobile_sd.report.bench_report`` renders them).
 
     >>> run_bench(Path("out/snapfusion-xnnpack"), "local", 2, 10, Path("bench"))  # doctest: +SKIP
     [{'component': 'text_encoder', 'status': 'ok', 'stats': {'median_ms': 41.3, ...}}, ...]
@@ -52,7 +52,7 @@ def run_bench(artifact_dir: Path, target: str, warmup: int, iters: int, out_dir:
         transport = open_transport(tgt)
     except BackendUnavailableError as exc:
         results = [make_result(ctx, it, status="skipped", reason=str(exc)) for it in items]
-        return _finish(results, out_dir, render)
+        return _finish(results, out_dir)
     results: list[dict] = []
     try:
         ctx["device"] = transport.device_info()
@@ -71,13 +71,11 @@ def run_bench(artifact_dir: Path, target: str, warmup: int, iters: int, out_dir:
             results.append(result)
     finally:
         transport.close()
-    return _finish(results, out_dir, render, appended=True)
+    return _finish(results, out_dir, appended=True)
 
 
 def _bench_item(ctx, item: BenchItem, tgt: Target, transport, driver, out_dir: Path,
                 timeout_s: float, profile_ops: bool) -> dict:
-    from mobile_sd.utils.files import sha256_file
-
     reason = UNSUPPORTED.get((tgt.kind, item.format))
     coreml = item.format in ("mlpackage", "mlmodelc") or (
         item.format == "pte" and (item.backend or "").lower() == "coreml")
@@ -92,11 +90,7 @@ def _bench_item(ctx, item: BenchItem, tgt: Target, transport, driver, out_dir: P
             reason = str(exc)
     if reason:
         return make_result(ctx, item, status="skipped", reason=reason)
-    sha = sha256_file(item.path)
-    if item.sha256 and sha != item.sha256:
-        return make_result(ctx, item, status="error", sha256=sha, reason=(
-            f"{item.path} changed after export (sha256 {sha[:12]}... is not the manifest's "
-            f"{item.sha256[:12]}...): re-export, or restore the file"))
+    sha = item.sha256  # verified with the whole folder when the manifest was loaded
     etdump = None
     if profile_ops and item.format == "pte":
         etdump = out_dir / "etdump" / f"{item.component}-{item.path.stem}-{_slug(tgt)}.etdp"
@@ -160,7 +154,7 @@ class _progress:
         self.bar.close()
 
 
-def _context(manifest: dict, artifact_dir: Path, pipe, tgt: Target, warmup: int,
+def _context(manifest, artifact_dir: Path, pipe, tgt: Target, warmup: int,
              iters: int) -> dict:
     from mobile_sd.utils.env import git_sha, machine_info, tool_versions
 
@@ -168,7 +162,7 @@ def _context(manifest: dict, artifact_dir: Path, pipe, tgt: Target, warmup: int,
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "target": str(tgt), "device": None, "host": machine_info(),
             "versions": tool_versions(), "git_sha": git_sha(),
-            "export_git_sha": manifest.get("git_sha"), "recipe": manifest.get("recipe"),
+            "export_git_sha": manifest.git_sha, "recipe": manifest.recipe,
             "pipeline": pipe, "artifact_dir": str(artifact_dir.resolve()),
             "warmup": warmup, "iters": iters}
 
@@ -178,18 +172,14 @@ def _slug(tgt: Target) -> str:
 
 
 def _append(out_dir: Path, result: dict) -> None:
-    from mobile_sd.report.bench_report import append_results
+    from mobile_sd.bench.results import append_results
 
     append_results(out_dir / "bench.jsonl", [result])
 
 
-def _finish(results: list[dict], out_dir: Path, render: bool, appended: bool = False):
+def _finish(results: list[dict], out_dir: Path, appended: bool = False):
     if not appended:
-        from mobile_sd.report.bench_report import append_results
+        from mobile_sd.bench.results import append_results
 
         append_results(out_dir / "bench.jsonl", results)
-    if render:
-        from mobile_sd.report.bench_report import render_report
-
-        render_report(out_dir / "bench.jsonl", out_dir)
     return results

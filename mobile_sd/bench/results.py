@@ -7,7 +7,11 @@ finished before it and are kept in ``iteration_ms``).
 """
 from __future__ import annotations
 
+import json
 from datetime import datetime, timezone
+from pathlib import Path
+
+from mobile_sd.errors import InvalidArgumentError
 
 SCHEMA = "mobile-sd/bench-result/v1"
 
@@ -58,7 +62,7 @@ def _error(error: Exception | None, line: dict) -> dict | None:
 
 
 def _op_table(record: dict, line: dict, item) -> tuple[list | None, str | None]:
-    from mobile_sd.bench.etdump import op_table
+    from mobile_sd.runtimes.etdump import op_table
 
     try:
         return op_table(record["etdump"], line.get("etdump_skip_runs", 0), top=20,
@@ -70,3 +74,27 @@ def _op_table(record: dict, line: dict, item) -> tuple[list | None, str | None]:
 def batch_of(inputs: list) -> int:
     """Leading dimension of the first non-scalar input (what the budget calls "batch")."""
     return next((int(e["shape"][0]) for e in inputs if e.get("shape")), 1)
+
+
+def append_results(path: str | Path, results: list[dict]) -> None:
+    """Append records to a JSON-lines file (created with its folder if needed)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        for record in results:
+            handle.write(json.dumps(record, default=str) + "\n")
+
+
+def load_results(path: str | Path) -> tuple[list[dict], int]:
+    """Records of a JSON-lines file, and how many lines were unreadable (a killed writer)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidArgumentError(f"{path}: no benchmark results; run `mobile-sd bench` first")
+    records, bad = [], 0
+    for line in path.read_text().splitlines():
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                bad += 1
+    return records, bad

@@ -108,10 +108,10 @@ class _Measurer:
         return torch.cat(outs).double()
 
     def psnr_db(self) -> float:
+        from mobile_sd.metrics import psnr_from_mse
+
         mse = float(((self._outputs() - self.reference) ** 2).mean())
-        if mse == 0.0:
-            return math.inf
-        return 20 * math.log10(max(self.peak, 1e-30)) - 10 * math.log10(mse)
+        return psnr_from_mse(mse, max(self.peak, 1e-30), cap=math.inf)
 
 
 @contextlib.contextmanager
@@ -223,8 +223,9 @@ def descent_path(sens: list[Sensitivity]) -> list[dict[str, int]]:
 
 def predicted_psnr_db(sens: list[Sensitivity], bits: dict[str, int]) -> float:
     """PSNR if per-weight output errors added up (peak normalised to 1)."""
-    mse = sum(_mse(s.psnr_db[bits[s.name]]) for s in sens)
-    return math.inf if mse == 0 else -10 * math.log10(mse)
+    from mobile_sd.metrics import ratio_db
+
+    return ratio_db(1.0, sum(_mse(s.psnr_db[bits[s.name]]) for s in sens), cap=math.inf)
 
 
 def total_bytes(sens: list[Sensitivity], bits: dict[str, int]) -> int:

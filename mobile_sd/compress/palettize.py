@@ -18,6 +18,8 @@ True
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Literal
 
@@ -26,6 +28,7 @@ import numpy as np
 from mobile_sd.compress.config import VALID_NBITS
 from mobile_sd.compress.kmeans import kmeans_1d
 from mobile_sd.errors import InvalidArgumentError
+from mobile_sd.metrics import ratio_db
 
 Granularity = Literal["per_tensor", "per_grouped_channel"]
 Mode = Literal["kmeans", "uniform"]
@@ -105,17 +108,12 @@ def weight_snr_db(original, approx) -> float:
     >>> weight_snr_db(np.array([3.0, 4.0]), np.array([3.0, 4.5]))
     20.0
     """
-    a, b = to_numpy(original).ravel(), to_numpy(approx).ravel()
-    if a.shape != b.shape:
+    from mobile_sd.metrics import sqnr_db  # noqa: PLC0415
+
+    a, b = to_numpy(original), to_numpy(approx)
+    if a.size != b.size:
         raise InvalidArgumentError(f"weight_snr_db: shapes differ: {a.shape} vs {b.shape}")
-    energy = err = 0.0
-    step = 1 << 20
-    for i in range(0, a.size, step):
-        x, y = a[i:i + step].astype(np.float64), b[i:i + step].astype(np.float64)
-        d = x - y
-        energy += float(np.einsum("i,i->", x, x))
-        err += float(np.einsum("i,i->", d, d))
-    return _snr(energy, err)
+    return sqnr_db(a.ravel(), b.ravel(), cap=math.inf)
 
 
 def to_numpy(weight) -> np.ndarray:
@@ -129,13 +127,6 @@ def to_numpy(weight) -> np.ndarray:
         return t.contiguous().numpy()
     return np.asarray(weight)
 
-
-def _snr(energy: float, err: float) -> float:
-    if err <= 0.0:
-        return float("inf")
-    if energy <= 0.0:
-        return float("-inf")
-    return float(10.0 * np.log10(energy / err))
 
 
 def _check_args(w, nbits, granularity, group_size, mode, channel_axis) -> None:
@@ -171,7 +162,8 @@ def _kmeans_rows(rows: np.ndarray, k: int, dtype: np.dtype):
     lut = res.lut.astype(_lut_dtype(dtype))
     # Rounding the LUT to its dtype adds sum n_j (c'_j - c_j)^2 to the exact-mean error.
     rounding = (res.counts * (lut.astype(np.float64) - res.lut) ** 2).sum()
-    return lut, res.indices, _snr(float(res.energy.sum()), float(res.sse.sum() + rounding))
+    return lut, res.indices, ratio_db(float(res.energy.sum()), float(res.sse.sum() + rounding),
+                                      cap=math.inf)
 
 
 def _uniform_rows(rows: np.ndarray, k: int, dtype: np.dtype):
@@ -183,4 +175,5 @@ def _uniform_rows(rows: np.ndarray, k: int, dtype: np.dtype):
     indices = np.clip(np.rint((x - lo) / safe), 0, k - 1).astype(np.uint8)
     lut = (lo + step * np.arange(k)[None]).astype(_lut_dtype(dtype))
     approx = np.take_along_axis(lut.astype(np.float64), indices.astype(np.int64), axis=1)
-    return lut, indices, _snr(float((x * x).sum()), float(((x - approx) ** 2).sum()))
+    return lut, indices, ratio_db(float((x * x).sum()), float(((x - approx) ** 2).sum()),
+                                  cap=math.inf)

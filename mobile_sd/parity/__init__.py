@@ -8,7 +8,7 @@ PyTorch (per component, two tiers), the whole pipeline end to end, and a diverge
 {'status': 'pass', 'passed': 4, 'failed': 0, 'skipped': 0}
 
 Command line: ``mobile-sd parity ARTIFACT_DIR [--model DIR | --spec NAME]`` (see
-:mod:`mobile_sd.parity.cmd`). Modules: :mod:`.metrics` (the one implementation of PSNR, SQNR,
+:mod:`mobile_sd.commands.parity`). Modules: :mod:`.metrics` (the one implementation of PSNR, SQNR,
 cosine, abs errors, SSIM), :mod:`.runtimes` (load/run/check artifacts), :mod:`.eager` (the
 references), :mod:`.check` (tiers), :mod:`.e2e`, :mod:`.locate` (+ ``locate_onnx``,
 ``locate_et``, ``locate_et_taps``), :mod:`.report`, :mod:`.run`.
@@ -18,7 +18,7 @@ __all__ = ["ParityOptions", "run_parity", "default_out_dir"]
 
 
 def __getattr__(name: str):
-    # Lazy: the CLI imports mobile_sd.parity.cmd to build its parser; that must stay cheap.
+    # Lazy: the CLI imports mobile_sd.commands.parity to build its parser; that must stay cheap.
     if name in __all__:
         from mobile_sd.parity import run
 

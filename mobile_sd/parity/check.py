@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from mobile_sd.parity.metrics import tensor_stats, worst
+from mobile_sd.metrics import tensor_stats, worst
 
 
 @dataclass
@@ -43,14 +43,14 @@ class Budget:
     e2e_min_psnr_db: float = 30.0
 
     @classmethod
-    def from_manifest(cls, manifest: dict, name: str | None = None) -> "Budget":
-        parity = (manifest.get("recipe") or {}).get("parity") or {}
+    def from_manifest(cls, manifest, name: str | None = None) -> "Budget":
+        parity = manifest.recipe.get("parity") or {}
         budget = cls(fp32_min_psnr_db=parity.get("component_min_psnr_db", cls.fp32_min_psnr_db),
                      lowering_min_psnr_db=parity.get("lowering_min_psnr_db", cls.lowering_min_psnr_db),
                      e2e_min_psnr_db=parity.get("e2e_min_psnr_db", cls.e2e_min_psnr_db))
-        own = ((manifest.get("components") or {}).get(name) or {}).get("parity_budget") or {}
-        if own.get("min_psnr_db") is not None:
-            budget.fp32_min_psnr_db = float(own["min_psnr_db"])
+        own = manifest.components.get(name) if name else None
+        if own is not None and own.min_psnr_db is not None:
+            budget.fp32_min_psnr_db = float(own.min_psnr_db)
         return budget
 
 

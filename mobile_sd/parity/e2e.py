@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from mobile_sd.parity.metrics import image_stats
+from mobile_sd.metrics import image_stats
 
 AMPLIFY = 8  # the difference image is |ref - test| * AMPLIFY, so 1/8 of full scale is white
 
@@ -41,29 +41,29 @@ def _unet_adapter(runner, interface: str, cfg: str, guidance: float):
     return lambda s, t, ctx: runner(s, t, ctx)[0]
 
 
-def backend_runners(runners: dict, model, manifest: dict):
+def backend_runners(runners: dict, model, manifest):
     """:class:`Runners` calling the artifact's components; components the recipe did not
     export run eagerly. Returns ``(Runners, names of eager components)``."""
+    from mobile_sd.names import COMPONENT_NAMES
     from mobile_sd.pipeline.reference import Runners, eager_runners
 
-    recipe = manifest.get("recipe", {})
-    pipe = manifest.get("pipeline", {})
-    interface = recipe.get("interface", "native")
+    pipe = manifest.pipeline
+    interface = manifest.recipe.get("interface", "native")
     eager = eager_runners(model)
     made = {"text_encoder": lambda r: _text_adapter(r, interface),
             "unet": lambda r: _unet_adapter(r, interface, pipe.get("cfg", "batch2"),
                                             pipe.get("guidance", 4.5)),
             "decoder": lambda r: (lambda z: r(z)[0])}
     calls = {name: made[name](runners[name]) if name in runners else getattr(eager, name)
-             for name in ("text_encoder", "unet", "decoder")}
+             for name in COMPONENT_NAMES}
     return Runners(**calls), [n for n in calls if n not in runners]
 
 
-def generate_with(runners, model, manifest: dict, prompt: str, seed: int) -> np.ndarray:
+def generate_with(runners, model, manifest, prompt: str, seed: int) -> np.ndarray:
     """One image through ``runners`` with the export's pipeline settings (steps, guidance)."""
     from mobile_sd.pipeline.reference import run_pipeline
 
-    pipe, spec = manifest.get("pipeline", {}), model.spec
+    pipe, spec = manifest.pipeline, model.spec
     latent = pipe.get("latent_size", spec.unet.sample_size)
     result = run_pipeline(runners, model.tokenizer, spec.scheduler, latent, prompt, "", pipe.get("steps", spec.scheduler.default_steps),
                           pipe.get("guidance", spec.scheduler.default_guidance), seed,

@@ -19,7 +19,7 @@ from typing import Sequence
 
 import torch
 
-from mobile_sd.components import ExportComponent
+from mobile_sd.export.components import ExportComponent
 from mobile_sd.errors import ParityError
 
 # Recipe fields that shape a component's I/O; the rest (compression...) is not needed here.
@@ -27,29 +27,30 @@ _RECIPE_KEYS = ("name", "format", "backend", "target", "precision", "interface",
                 "cfg", "attention")
 
 
-def manifest_recipe(manifest: dict):
+def manifest_recipe(manifest):
     """The export's recipe, as far as the I/O contract goes (validated like a recipe file)."""
     from mobile_sd.config import from_dict
     from mobile_sd.recipes import Recipe
 
-    raw = manifest.get("recipe")
-    if not isinstance(raw, dict):
+    raw = manifest.recipe
+    if not raw:
         raise ParityError("manifest.json has no 'recipe'; re-export with this mobile-sd version")
     data = {k: raw[k] for k in _RECIPE_KEYS if k in raw}
-    data["latent_size"] = manifest.get("pipeline", {}).get("latent_size", data.get("latent_size", 64))
-    data["calibration"] = {"guidance": manifest.get("pipeline", {}).get("guidance")}
+    data["latent_size"] = manifest.pipeline.get("latent_size", data.get("latent_size", 64))
+    data["calibration"] = {"guidance": manifest.pipeline.get("guidance")}
     try:
         return from_dict(Recipe, data, where="manifest.json recipe", error=ParityError)
     except ValueError as exc:
         raise ParityError(f"manifest.json recipe is invalid: {exc}") from exc
 
 
-def component_precision(manifest: dict, name: str) -> str:
+def component_precision(manifest, name: str) -> str:
     """The precision the export used for ``name`` (per-component override or recipe-wide)."""
-    entry = (manifest.get("components") or {}).get(name) or {}
-    raw = manifest.get("recipe", {})
+    entry = manifest.components.get(name)
+    raw = manifest.recipe
     over = (raw.get("components") or {}).get(name) or {}
-    return entry.get("precision") or over.get("precision") or raw.get("precision") or "fp32"
+    return ((entry.precision if entry else None) or over.get("precision")
+            or raw.get("precision") or "fp32")
 
 
 def at_latent_size(model, latent_size: int):
@@ -61,18 +62,18 @@ def at_latent_size(model, latent_size: int):
     return dataclasses.replace(model, spec=replace_unet(model.spec, sample_size=latent_size))
 
 
-def check_model_matches(model, manifest: dict) -> None:
+def check_model_matches(model, manifest) -> None:
     """Refuse a reference model of another architecture than the one exported."""
-    exported = manifest.get("model", {}).get("spec")
+    exported = manifest.model.get("spec")
     if exported and model.spec.name != exported:
         raise ParityError(f"the artifacts were exported from spec {exported!r} but the reference "
                           f"model is {model.spec.name!r} ({model.source}); pass --spec {exported} "
                           "or the --model folder they were exported from")
 
 
-def _build(model, manifest: dict, name: str, passes: Sequence[str],
+def _build(model, manifest, name: str, passes: Sequence[str],
            copy_module: bool) -> ExportComponent:
-    from mobile_sd.export_cmd import build_component
+    from mobile_sd.export.engine import build_component
 
     module = getattr(model, name)
     own = dataclasses.replace(model, **{name: copy.deepcopy(module) if copy_module else module})
@@ -81,33 +82,21 @@ def _build(model, manifest: dict, name: str, passes: Sequence[str],
     return comp
 
 
-def original_component(model, manifest: dict, name: str) -> ExportComponent:
+def original_component(model, manifest, name: str) -> ExportComponent:
     """The fp32 original with the artifact's I/O contract (only I/O-changing passes applied)."""
     from mobile_sd.surgery import get_pass
 
-    surgery = manifest["components"][name].get("surgery", [])
+    surgery = manifest.components[name].surgery
     # Wrapper passes (cfg_fold) leave the wrapped module untouched: no copy needed, which
     # saves a full copy of the UNet (3.4 GB at full size).
     return _build(model, manifest, name, [p for p in surgery if get_pass(p).returns_wrapper],
                   copy_module=False)
 
 
-def surgery_component(model, manifest: dict, name: str) -> ExportComponent:
+def surgery_component(model, manifest, name: str) -> ExportComponent:
     """The fp32 module with the export's whole surgery list (same module names as the export)."""
-    return _build(model, manifest, name, manifest["components"][name].get("surgery", []),
+    return _build(model, manifest, name, manifest.components[name].surgery,
                   copy_module=True)  # surgery rewrites in place
-
-
-class _Half(torch.nn.Module):
-    """Runs a module in fp16 (floating inputs cast down, outputs cast back to fp32)."""
-
-    def __init__(self, module: torch.nn.Module) -> None:
-        super().__init__()
-        self.module = module.half()
-
-    def forward(self, *args):
-        out = self.module(*[a.half() if a.is_floating_point() else a for a in args])
-        return out.float() if isinstance(out, torch.Tensor) else type(out)(o.float() for o in out)
 
 
 def lowering_reference(comp: ExportComponent, precision: str,
@@ -122,24 +111,19 @@ def lowering_reference(comp: ExportComponent, precision: str,
     if precision == "fp32":
         return comp.module, None
     if precision == "fp16":
-        return _Half(copy.deepcopy(comp.module)).eval(), None
+        from mobile_sd.export.executorch.precision import HalfIO
+
+        return HalfIO(comp.module).eval(), None   # the wrapper the export uses (copies)
     return None, (f"precision {precision!r}: the quantized eager model (PT2E) is not kept with "
                   "the export, so only tier 2 (vs the fp32 original) applies")
 
 
-def record_pipeline(model, manifest: dict, prompts: Sequence[str], seed: int = 0,
+def record_pipeline(model, manifest, prompts: Sequence[str], seed: int = 0,
                     progress: bool = False):
-    """Run the fp32 reference pipeline for ``prompts`` (every step, both CFG branches) and
-    record every component call. Returns ``(recorder, images)``: one uint8 image per prompt."""
-    from mobile_sd.pipeline.recorder import Recorder
-    from mobile_sd.pipeline.reference import generate
+    """Run the fp32 reference pipeline for ``prompts`` (every step, both CFG branches) with the
+    export's settings and record every component call. Returns ``(recorder, images)``."""
+    from mobile_sd.pipeline.record import record_runs
 
-    pipe = manifest.get("pipeline", {})
-    recorder, images = Recorder(), []
-    guidance = pipe.get("guidance", model.spec.scheduler.default_guidance)
-    for i, prompt in enumerate(prompts):
-        recorder.context = {"prompt": i, "guidance": guidance}  # read by folded-CFG from_call
-        result = generate(model, prompt, steps=pipe.get("steps"), guidance=guidance,
-                          seed=seed + i, recorder=recorder, progress=progress)
-        images.append(result.image)
-    return recorder, images
+    pipe = manifest.pipeline
+    return record_runs(model, prompts, pipe.get("steps"),
+                       pipe.get("guidance", model.spec.scheduler.default_guidance), seed, progress)

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-from mobile_sd.exporters.et_etrecord import is_placeholder
-from mobile_sd.parity.metrics import psnr_db
+from mobile_sd.export.executorch.etrecord import is_placeholder
+from mobile_sd.metrics import psnr_db
 
 
 def _module_of(node) -> tuple[str, str]:
@@ -44,7 +44,7 @@ def _module_of(node) -> tuple[str, str]:
 def _reference_graph(etrecord, module: torch.nn.Module) -> torch.fx.GraphModule:
     """The ETRecord's pre-partitioning graph with ``module``'s (the reference's) weights."""
     # module() shares its tensors with the ETRecord: load the reference weights into a copy.
-    from mobile_sd.exporters.et_etrecord import restore_weights
+    from mobile_sd.export.executorch.etrecord import restore_weights
 
     gm = copy.deepcopy(etrecord.edge_dialect_program.module())
     missing = set(module.state_dict()) - set(gm.state_dict())
@@ -107,12 +107,11 @@ def score_events(gm: torch.fx.GraphModule, inputs, events: list[tuple]) -> list[
 def runtime_events(path: Path, etrecord_path: Path, inputs, buffer_bytes: int) -> list[tuple]:
     """``(event name, debug handles, outputs)`` of one run of ``path``, in execution order."""
     from executorch.devtools import Inspector
-    from executorch.runtime import Runtime
 
-    from mobile_sd.exporters.et_runtime import data_file_for
+    from mobile_sd.runtimes.pte import data_file_for, load_program
 
-    program = Runtime.get().load_program(path, data_path=data_file_for(path), enable_etdump=True,
-                                         debug_buffer_size=buffer_bytes)
+    program = load_program(path, data_file_for(path), enable_etdump=True,
+                           debug_buffer_size=buffer_bytes)
     program.load_method("forward").execute([t.contiguous() for t in inputs])
     with tempfile.TemporaryDirectory(prefix="msd-etdump-") as tmp:
         etdump, debug = Path(tmp) / "run.etdp", Path(tmp) / "debug.bin"
@@ -205,7 +204,7 @@ def locate_pte(path: Path, etrecord_path: Path | None, inputs, module, gate_db: 
 
 def _refined(etrecord, module, region: str, inputs, gate_db: float, backend: str) -> dict:
     """Name a module inside a departing delegate (the delegate alone is too coarse)."""
-    from mobile_sd.parity.locate import EagerModules
+    from mobile_sd.parity.locate_tree import EagerModules
     from mobile_sd.parity.locate_et_taps import refine
 
     try:

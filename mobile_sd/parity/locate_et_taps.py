@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from mobile_sd.parity.locate import direct_children
-from mobile_sd.parity.metrics import psnr_db
+from mobile_sd.parity.locate_tree import direct_children
+from mobile_sd.metrics import psnr_db
 
 
 def _program(etrecord, module: torch.nn.Module):
@@ -32,7 +32,7 @@ def _program(etrecord, module: torch.nn.Module):
     """
     from torch.export.graph_signature import InputKind
 
-    from mobile_sd.exporters.et_etrecord import restore_weights
+    from mobile_sd.export.executorch.etrecord import restore_weights
 
     program = copy.deepcopy(etrecord.exported_program)
     restore_weights(program, module)   # a graph-only ETRecord holds placeholders
@@ -96,7 +96,7 @@ def _owners(program, specs, paths: list[str]) -> dict[str, str]:
 def _partitioners(backend: str) -> list:
     if backend != "xnnpack":
         raise ValueError(f"re-lowering with taps supports xnnpack programs, not {backend!r}")
-    from mobile_sd.exporters.et_backends import xnnpack_partitioners
+    from mobile_sd.export.executorch.backends import xnnpack_partitioners
 
     return xnnpack_partitioners()
 

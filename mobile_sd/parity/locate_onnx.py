@@ -25,7 +25,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from mobile_sd.parity.locate import descend
+from mobile_sd.parity.locate_tree import descend
 
 _SCOPES = "pkg.torch.onnx.name_scopes"
 

@@ -24,20 +24,19 @@ STATUSES = ("pass", "fail", "skip")
 _REQUIRED = ("schema", "created", "tool_versions", "artifact", "components", "e2e", "summary")
 
 
-def new_report(folder: Path, manifest: dict, model, settings: dict) -> dict:
+def new_report(folder: Path, manifest, model, settings: dict) -> dict:
     """The report skeleton with provenance (tools, machine, git sha, manifest hash)."""
     from mobile_sd.utils.env import git_sha, machine_info, tool_versions
     from mobile_sd.utils.files import sha256_file
 
-    recipe = manifest.get("recipe") or {}
     return {"schema": SCHEMA, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "tool_versions": tool_versions(), "machine": machine_info(), "git_sha": git_sha(),
-            "artifact": {"path": str(folder), "format": manifest.get("format"),
-                         "backend": manifest.get("backend"), "recipe": recipe.get("name"),
+            "artifact": {"path": str(folder), "format": manifest.format,
+                         "backend": manifest.backend, "recipe": manifest.recipe.get("name"),
                          "manifest_sha256": sha256_file(Path(folder) / "manifest.json"),
-                         "model": manifest.get("model"), "exported": manifest.get("created"),
+                         "model": manifest.model, "exported": manifest.created,
                          # what the export itself could not do or verify here
-                         "export_skipped": manifest.get("skipped", [])},
+                         "export_skipped": manifest.skipped},
             "reference": {"model": model.source, "spec": model.spec.name},
             "settings": settings, "components": {}, "e2e": {"status": "skip", "reason": "not run"},
             "summary": {}, "files": {}}

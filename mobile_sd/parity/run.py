@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from mobile_sd.errors import ParityError
-from mobile_sd.parity.runtimes import ArtifactRunError
+from mobile_sd.runtimes.component import ArtifactRunError
 from mobile_sd.recipes import DEFAULT_PROMPTS
 
 
@@ -31,13 +31,13 @@ class ParityOptions:
     progress: bool = False
 
 
-def _open_all(folder: Path, manifest: dict, names, options: ParityOptions):
-    from mobile_sd.parity.runtimes import RuntimeSkip, open_component
+def _open_all(folder: Path, manifest, names, options: ParityOptions):
+    from mobile_sd.runtimes.component import RuntimeSkip, open_component
 
     runners, entries = {}, {}
     for name in names:
-        comp = manifest["components"][name]
-        entries[name] = {"files": comp.get("files", []), "status": "skip",
+        comp = manifest.components[name]
+        entries[name] = {"files": [f.to_dict() for f in comp.files], "status": "skip",
                          "precision": _precision(manifest, name)}
         try:
             runners[name] = open_component(folder, manifest, name, options.num_threads)
@@ -47,7 +47,7 @@ def _open_all(folder: Path, manifest: dict, names, options: ParityOptions):
     return runners, entries
 
 
-def _precision(manifest: dict, name: str) -> str:
+def _precision(manifest, name: str) -> str:
     from mobile_sd.parity.eager import component_precision
 
     return component_precision(manifest, name)
@@ -61,7 +61,7 @@ def _check_one(folder, manifest, name, runner, model, recorder, options) -> dict
     original = eager.original_component(model, manifest, name)
     surgery = eager.surgery_component(model, manifest, name)
     lowering, reason = eager.lowering_reference(surgery, _precision(manifest, name),
-                                                manifest.get("format", ""))
+                                                manifest.format)
     samples = make_samples(original, recorder, options.random_inputs, options.seed)
 
     def where(sample, gate):
@@ -89,7 +89,7 @@ def run_parity(folder: str | Path, model, options: ParityOptions | None = None,
     manifest = load_manifest(folder)
     verify_files(folder, manifest)
     eager.check_model_matches(model, manifest)
-    pipe = manifest.get("pipeline", {})
+    pipe = manifest.pipeline
     model = eager.at_latent_size(model, int(pipe.get("latent_size", model.spec.unet.sample_size)))
     names = _select(manifest, options.components)
     settings = {"prompts": list(options.prompts), "seed": options.seed,
@@ -123,8 +123,8 @@ def default_out_dir(folder: Path) -> Path:
     return folder.with_name(folder.name + ".parity")
 
 
-def _select(manifest: dict, wanted) -> list[str]:
-    names = list(manifest["components"])
+def _select(manifest, wanted) -> list[str]:
+    names = list(manifest.components)
     if wanted:
         unknown = sorted(set(wanted) - set(names))
         if unknown:
@@ -153,7 +153,7 @@ def _e2e(runners, entries, model, manifest, options, images, out: Path, report) 
         result = run_e2e(runners, model, manifest, options.prompts, images, gate, options.seed)
     except ArtifactRunError as exc:
         return {"status": "fail", "gate_min_psnr_db": gate, "reason": str(exc)}
-    label = f"{manifest.get('format')}/{manifest.get('backend')}"
+    label = f"{manifest.format}/{manifest.backend}"
     grid = image_grid(images, {label: result.pop("_images")}, out / "parity_grid.png")
     report["files"]["grid"] = str(grid)
     return result

@@ -13,31 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mobile_sd.errors import InvalidArgumentError
-
-
-def append_results(path: str | Path, results: list[dict]) -> None:
-    """Append records to a JSON-lines file (created with its folder if needed)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        for record in results:
-            handle.write(json.dumps(record, default=str) + "\n")
-
-
-def load_results(path: str | Path) -> tuple[list[dict], int]:
-    """Records of a JSON-lines file, and how many lines were unreadable (a killed writer)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InvalidArgumentError(f"{path}: no benchmark results; run `mobile-sd bench` first")
-    records, bad = [], 0
-    for line in path.read_text().splitlines():
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                bad += 1
-    return records, bad
+from mobile_sd.bench.results import append_results, load_results  # noqa: F401  (re-exported)
 
 
 def latest_run(records: list[dict]) -> list[dict]:
@@ -232,7 +208,9 @@ def plot_components(run_budgets: list[dict], path: Path) -> Path:
     import numpy as np
     from matplotlib.figure import Figure  # no pyplot: no global backend state
 
-    names = ["text_encoder", "unet", "vae_decoder", "total"]
+    from mobile_sd.names import COMPONENT_NAMES
+
+    names = [*COMPONENT_NAMES, "total"]
     series = [(b["variant"], [b["compare"][n]["per_image_ms"] for n in names[:3]]
                + [b["compare"]["total"]["ms"]], None) for b in run_budgets]
     comp = run_budgets[0]["compare"]

@@ -18,10 +18,11 @@ from typing import Callable, ClassVar, Literal
 import torch
 from torch import nn
 
+from mobile_sd.names import COMPONENT_NAMES
 from mobile_sd.errors import InvalidArgumentError, RecipeError
 
 Component = Literal["unet", "text_encoder", "decoder"]
-COMPONENTS: tuple[str, ...] = ("unet", "text_encoder", "decoder")  # the one list of them
+COMPONENTS: tuple[str, ...] = COMPONENT_NAMES
 Layout = Literal["bsc", "bc1s"]
 
 

@@ -7,6 +7,7 @@ import os
 import platform
 import resource
 import subprocess
+import threading
 from pathlib import Path
 
 TOOLS = ("mobile-sd", "torch", "executorch", "coremltools", "diffusers", "transformers",
@@ -98,3 +99,30 @@ def _malloc_trim():
         return ctypes.CDLL(name).malloc_trim if name else None
     except (OSError, AttributeError):   # musl and others: no malloc_trim
         return None
+
+
+class PeakRss:
+    """Samples this process's RSS in a thread (the kernel's peak cannot be reset per export)."""
+
+    def __init__(self, interval: float = 0.05) -> None:
+        self.interval = interval
+        self.peak_mb = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import psutil
+
+        process = psutil.Process()
+        while True:
+            self.peak_mb = max(self.peak_mb, process.memory_info().rss / 2**20)
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> "PeakRss":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()

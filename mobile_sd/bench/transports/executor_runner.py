@@ -100,7 +100,7 @@ class ExecutorRunnerDriver:
                 t.pull(etdump, etdump_local)
                 line.update(etdump=str(etdump_local), etdump_skip_runs=warmup)
                 if not line["iteration_ms"]:
-                    from mobile_sd.bench.etdump import run_times_ms
+                    from mobile_sd.runtimes.etdump import run_times_ms
 
                     line["iteration_ms"] = run_times_ms(etdump_local, warmup)
                     line["timing_source"] = "etdump"

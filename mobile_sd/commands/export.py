@@ -1,0 +1,88 @@
+"""``mobile-sd export --recipe R.yaml [--model DIR | --spec NAME] --out DIR``."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import signal
+import threading
+import time
+from pathlib import Path
+
+from mobile_sd.commands.common import add_model_args, load_model_arg
+
+
+def _recipe_from_args(args: argparse.Namespace):
+    """The recipe file with the command line's overrides (latent size, components)."""
+    from mobile_sd.errors import RecipeError
+    from mobile_sd.names import COMPONENT_NAMES, check_component_names
+    from mobile_sd.recipes import ComponentRecipe, load_recipe
+
+    recipe = load_recipe(args.recipe)
+    if args.latent_size is not None:
+        try:
+            recipe = dataclasses.replace(recipe, latent_size=args.latent_size)
+        except ValueError as exc:  # Recipe.__post_init__ validation
+            raise RecipeError(f"--latent-size: {exc}") from exc
+    if args.components:
+        check_component_names(args.components, "--components", RecipeError)
+        comps = {n: dataclasses.replace(recipe.components.get(n, ComponentRecipe()),
+                                        export=n in args.components)
+                 for n in COMPONENT_NAMES}
+        recipe = dataclasses.replace(recipe, components=comps)
+    return recipe
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from mobile_sd.errors import ExportInterruptedError
+    from mobile_sd.export.engine import run_export
+    from mobile_sd.utils.env import peak_rss_mb
+
+    recipe = _recipe_from_args(args)
+    start = time.perf_counter()
+    model = load_model_arg(args)
+    try:
+        with _sigterm_as_interrupt():
+            manifest = run_export(recipe, model, args.out, overwrite=args.force)
+    except KeyboardInterrupt:
+        # atomic_output_dir already removed the temp folder; say so with exit code 2.
+        raise ExportInterruptedError(f"export interrupted; nothing was written: {args.out} is "
+                                     "as it was before. Run the command again") from None
+    for name, comp in manifest.components.items():
+        size = sum(f.bytes for f in comp.files) / 2**20
+        print(f"{name:13s} {size:9.1f} MB  {', '.join(f.path for f in comp.files)}")
+    for skip in manifest.skipped:
+        print(f"skipped: {skip['step']}: {skip['reason']}")
+    print(f"wrote {args.out} in {time.perf_counter() - start:.0f} s, peak RSS "
+          f"{peak_rss_mb() / 1024:.1f} GB (model: {model.source})")
+    return 0
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """Treat SIGTERM (``kill``, CI timeouts, ``make`` being stopped) like Ctrl-C while the
+    export runs, so the temp folder is removed too; the previous handler is restored after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("export", help="export components per a recipe (Core ML, ExecuTorch, ONNX)")
+    p.add_argument("--recipe", type=Path, required=True, help="export_recipes/*.yaml")
+    add_model_args(p)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--latent-size", type=int, default=None, help="override the recipe's latent size")
+    p.add_argument("--components", nargs="+", default=None,
+                   help="export only these components (text_encoder unet decoder)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=cmd_export, seed_weights=None)
