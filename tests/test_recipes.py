@@ -1,8 +1,6 @@
 """Recipes: every shipped recipe loads; unknown keys and conflicts are RecipeError by message."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import yaml
 
@@ -45,7 +43,7 @@ def test_per_component_overrides(tmp_path):
 
 @pytest.mark.parametrize("data,message", [
     ({"format": "executorch", "backend": "xnnpack", "target": "android", "colour": 1},
-     "unknown key 'colour'; valid keys: name, format"),
+     "unknown key 'colour'; valid keys: attention, backend, bundled_io, calibration"),
     ({"format": "executorch", "backend": "xnnpack", "target": "android", "components": {"vae": {}}},
      "unknown component 'vae'; valid components: text_encoder, unet, decoder"),
     ({"format": "executorch", "backend": "tflite", "target": "android"},

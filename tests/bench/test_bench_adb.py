@@ -21,6 +21,7 @@ from mobile_sd.bench.transports.adb import PROPS, AdbTransport
 from mobile_sd.bench.transports.executor_runner import executor_runner_argv
 
 from tests.helpers.paths import DATA as _DATA  # noqa: E402
+from tests.helpers import manifests
 
 DATA = _DATA / "bench"
 SERIAL = "R5CT32ABCDE"
@@ -92,15 +93,14 @@ def pte_folder(tmp_path):
     folder = tmp_path / "export"
     folder.mkdir()
     comps = {}
-    for name, shape in (("unet", [2, 4, 64, 64]), ("vae_decoder", [1, 4, 64, 64])):
+    for name, shape in (("unet", [2, 4, 64, 64]), ("decoder", [1, 4, 64, 64])):
         path = folder / f"{name}.pte"
         path.write_bytes(b"PTE-" + name.encode())
         comps[name] = {"files": [{"path": path.name, "format": "pte", "backend": "xnnpack",
                                   "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}],
                        "inputs": [{"name": "x", "shape": shape, "dtype": "float32"}]}
-    (folder / "manifest.json").write_text(json.dumps({
-        "schema": "mobile-sd/manifest/v1", "recipe": {"name": "xnnpack-fp32"},
-        "components": comps, "pipeline": {"steps": 8, "cfg": "batch2"}}))
+    manifests.write(folder, {"recipe": {"name": "xnnpack-fp32"}, "components": comps,
+                             "pipeline": {"steps": 8, "cfg": "batch2"}})
     runner = tmp_path / "executor_runner"
     # gflags keeps flag names as strings in the binary; the driver looks for them.
     runner.write_bytes(b"\x7fELF...model_path\x00num_executions\x00etdump_path\x00cpu_threads")
@@ -151,8 +151,7 @@ def test_full_run_commands_and_result(fake_adb, pte_folder, tmp_path):
 
     set_rules, read_log = fake_adb
     folder, runner = pte_folder
-    results = run_bench(folder, f"adb:{SERIAL}", 2, 10, tmp_path / "bench", runner,
-                        render=False)
+    results = run_bench(folder, f"adb:{SERIAL}", 2, 10, tmp_path / "bench", runner)
     unet = results[0]
     assert unet["status"] == "ok" and unet["stats"]["n"] == 10
     assert unet["warmup_ms"] == pytest.approx([388.39, 331.148])
@@ -174,7 +173,7 @@ def test_full_run_commands_and_result(fake_adb, pte_folder, tmp_path):
          ["-s", SERIAL, "shell", run(n)],
          ["-s", SERIAL, "pull", f"{WORK}/{n}.etdp", str(etdumps / f"{n}-{n}-adb-{SERIAL}.etdp")],
          ["-s", SERIAL, "shell", f"rm -rf {WORK}/{n}.pte"],
-         ["-s", SERIAL, "shell", f"rm -rf {WORK}/{n}.etdp"]] for n in ("unet", "vae_decoder")]
+         ["-s", SERIAL, "shell", f"rm -rf {WORK}/{n}.etdp"]] for n in ("unet", "decoder")]
     assert read_log() == [
         ["devices", "-l"],
         ["-s", SERIAL, "shell", f"mkdir -p {WORK}"],
@@ -256,7 +255,7 @@ def test_run_faults_keep_partial_results(fake_adb, pte_folder, tmp_path, rule, d
     set_rules([{"match": "executor_runner --model_path", **rule}], drop)
     folder, runner = pte_folder
     results = run_bench(folder, f"adb:{SERIAL}", 2, 10, tmp_path / "bench", runner,
-                        timeout_s=1, profile_ops=False, render=False)
+                        timeout_s=1, profile_ops=False)
     unet = results[0]
     assert unet["status"] == "error" and unet["error"]["type"] == error.__name__
     assert all(w in unet["error"]["message"] for w in words), unet["error"]["message"]
@@ -276,7 +275,7 @@ def test_device_lost_mid_run_stops_the_session(fake_adb, pte_folder, tmp_path):
                 + "adb: device offline\n"}])
     folder, runner = pte_folder
     results = run_bench(folder, f"adb:{SERIAL}", 2, 10, tmp_path / "bench", runner,
-                        profile_ops=False, render=False)
+                        profile_ops=False)
     assert results[0]["error"]["type"] == "DeviceLostError" and results[0]["partial"]
     assert results[0]["iteration_ms"] == pytest.approx([327.53, 328.431])
     assert results[1]["status"] == "error" and results[1]["reason"].startswith("not run:")

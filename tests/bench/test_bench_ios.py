@@ -12,6 +12,7 @@ from mobile_sd.bench.transports import ios
 from mobile_sd.errors import BackendUnavailableError, InvalidArgumentError
 
 from tests.helpers.paths import DATA as _DATA  # noqa: E402
+from tests.helpers import manifests
 
 DATA = _DATA / "bench"
 UDID = "00008120-001A2B3C4D5E6F70"
@@ -64,12 +65,16 @@ def test_apple_targets_are_skipped_off_macos(target, tmp_path):
     folder = tmp_path / "coreml"
     (folder / "unet.mlpackage").mkdir(parents=True)
     (folder / "unet.mlpackage" / "Manifest.json").write_text("{}")
-    (folder / "manifest.json").write_text(json.dumps({
+    manifests.write(folder, ({
         "schema": "mobile-sd/manifest/v1", "recipe": {}, "pipeline": {"steps": 8, "cfg": "folded"},
         "components": {"unet": {"files": [{"path": "unet.mlpackage", "format": "mlpackage"}],
                                 "inputs": [{"name": "sample", "shape": [1, 4, 64, 64],
                                             "dtype": "float16"}]}}}))
-    [result] = run_bench(folder, target, 1, 2, tmp_path / "bench", render=target == "ios")
+    [result] = run_bench(folder, target, 1, 2, tmp_path / "bench")
+    if target == "ios":
+        from mobile_sd.report.bench_report import render_report
+
+        render_report(tmp_path / "bench" / "bench.jsonl", tmp_path / "bench")
     assert result["status"] == "skipped" and result["error"] is None
     assert "needs macOS with Xcode 15+" in result["reason"]
     assert result["stats"]["n"] == 0 and result["iteration_ms"] == []

@@ -12,6 +12,8 @@ from mobile_sd.bench import errors as E
 from mobile_sd.bench import run_bench
 from mobile_sd.bench.runner import drive
 from mobile_sd.bench.transports.local import LocalTransport
+from mobile_sd.report.bench_report import render_report
+from tests.helpers import manifests
 
 
 def _sha(path: Path) -> str:
@@ -23,12 +25,12 @@ def _write_manifest(folder: Path, components: dict, pipeline: dict | None) -> No
                 "components": components}
     if pipeline:
         manifest["pipeline"] = pipeline
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    manifests.write(folder, manifest)
 
 
 @pytest.fixture(scope="module")
 def onnx_folder(tmp_path_factory):
-    """text_encoder / unet / vae_decoder as tiny ONNX graphs (dynamo exporter), batch-2 CFG."""
+    """text_encoder / unet / decoder as tiny ONNX graphs (dynamo exporter), batch-2 CFG."""
     import torch
 
     folder = tmp_path_factory.mktemp("onnx-export")
@@ -39,7 +41,7 @@ def onnx_folder(tmp_path_factory):
         scale_factor=2.0), torch.nn.Conv2d(8, 3, 3, padding=1))
     specs = {"text_encoder": (text, "input_ids", torch.zeros(2, 7, dtype=torch.int64), "int64"),
              "unet": (unet, "sample", torch.randn(2, 4, 8, 8), "float32"),
-             "vae_decoder": (vae, "latent", torch.randn(1, 4, 8, 8), "float32")}
+             "decoder": (vae, "latent", torch.randn(1, 4, 8, 8), "float32")}
     components = {}
     for name, (model, input_name, example, dtype) in specs.items():
         path = folder / f"{name}.onnx"
@@ -66,8 +68,9 @@ def onnx_folder(tmp_path_factory):
 def test_local_onnx_end_to_end(onnx_folder, tmp_path):
     out = tmp_path / "bench"
     results = run_bench(onnx_folder, "local", 1, 3, out)
+    render_report(out / "bench.jsonl", out)
     by_file = {r["file"]: r for r in results}
-    for name in ("text_encoder.onnx", "unet.onnx", "vae_decoder.onnx"):
+    for name in ("text_encoder.onnx", "unet.onnx", "decoder.onnx"):
         r = by_file[name]
         assert r["status"] == "ok", r["reason"]
         assert r["stats"]["n"] == 3 and len(r["warmup_ms"]) == 1 and not r["partial"]
@@ -109,6 +112,7 @@ def test_local_pte_with_etdump_op_table(tmp_path):
         "inputs": [{"name": "sample", "shape": [1, 4, 16, 16], "dtype": "float32"}]}}, None)
     out = tmp_path / "bench"
     [r] = run_bench(folder, "local", 1, 3, out)
+    render_report(out / "bench.jsonl", out)
     assert r["status"] == "ok" and r["runtime"]["name"] == "executorch"
     assert r["stats"]["n"] == 3 and r["load_ms"] > 0
     assert r["op_table"], r.get("op_table_error")

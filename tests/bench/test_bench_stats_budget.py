@@ -21,10 +21,10 @@ def test_summarize_empty_is_not_a_number():
 
 
 @pytest.mark.parametrize("cfg, text_batch, unet_batch, calls", [
-    ("batch2", 1, 1, {"text_encoder": 2, "unet": 16, "vae_decoder": 1}),
-    ("batch2", 2, 2, {"text_encoder": 1, "unet": 8, "vae_decoder": 1}),
-    ("folded", 1, 1, {"text_encoder": 2, "unet": 8, "vae_decoder": 1}),
-    ("none", 1, 1, {"text_encoder": 1, "unet": 8, "vae_decoder": 1}),
+    ("batch2", 1, 1, {"text_encoder": 2, "unet": 16, "decoder": 1}),
+    ("batch2", 2, 2, {"text_encoder": 1, "unet": 8, "decoder": 1}),
+    ("folded", 1, 1, {"text_encoder": 2, "unet": 8, "decoder": 1}),
+    ("none", 1, 1, {"text_encoder": 1, "unet": 8, "decoder": 1}),
 ])
 def test_calls_per_image(cfg, text_batch, unet_batch, calls):
     assert budget.calls_per_image(8, cfg, text_batch, unet_batch) == calls
@@ -40,12 +40,12 @@ def test_paper_budget_reproduces_its_total():
 
 def test_estimate_and_compare():
     calls = budget.calls_per_image(8, "batch2", 1, 1)
-    est = budget.estimate({"text_encoder": 5.0, "unet": 100.0, "vae_decoder": 200.0}, calls)
+    est = budget.estimate({"text_encoder": 5.0, "unet": 100.0, "decoder": 200.0}, calls)
     assert est["components"]["unet"] == {"per_call_ms": 100.0, "calls": 16, "total_ms": 1600.0}
     assert est["total_ms"] == 10 + 1600 + 200
     cmp = budget.compare(est)
     assert cmp["unet"]["ratio"] == round(100 / 230, 3)
-    assert cmp["vae_decoder"]["paper_per_image_ms"] == 116.0
+    assert cmp["decoder"]["paper_per_image_ms"] == 116.0
     assert cmp["total"] == {"ms": 1810.0, "paper_ms": 1960.0, "ratio": round(1810 / 1960, 3),
                             "within_budget": True}
 

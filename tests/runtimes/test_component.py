@@ -10,6 +10,8 @@ import torch
 from tests.helpers import parity_exports as pe
 from mobile_sd.errors import ParityError
 from mobile_sd.manifest import TensorEntry as IOSpec
+
+from tests.helpers import manifests
 from mobile_sd.runtimes.component import ComponentRunner, RuntimeSkip, open_component
 
 
@@ -63,12 +65,13 @@ def test_pte_delegated_to_a_backend_this_runtime_lacks_is_skipped(exports):
         entry["backend"] = "coreml"
     with pytest.raises(RuntimeSkip, match="delegated to CoreMLBackend, which this ExecuTorch "
                                           "runtime does not register"):
-        open_component(folder, manifest, "text_encoder")
+        open_component(folder, manifests.typed(manifest, folder), "text_encoder")
 
 
 def test_manifest_without_runnable_file():
-    manifest = {"components": {"unet": {"files": [{"path": "unet.etrecord", "format": "etrecord"}],
+    manifest = {"components": {"unet": {"files": [{"path": "unet.etrecord", "format": "etrecord",
+                                                   "bytes": 1, "sha256": "0" * 64}],
                                         "inputs": [{"name": "x", "shape": [1]}],
                                         "outputs": [{"name": "y", "shape": [1]}]}}}
     with pytest.raises(ParityError, match="lists no runnable file"):
-        open_component(Path("."), manifest, "unet")
+        open_component(Path("."), manifests.typed(manifest), "unet")
