@@ -4,7 +4,6 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 OUT     ?= artifacts
 SPEC    ?= snapfusion
-export PYTHONWARNINGS ?= ignore
 
 .PHONY: setup test test-slow export-ios export-android parity bench benchmarks clean
 
@@ -19,7 +18,9 @@ setup:
 	$(BIN)/pip install -e '.[dev]'
 	$(BIN)/pip install --no-deps clip-anytorch==2.6.0
 
+# The import-graph check first (seconds): data flows one way through the packages.
 test:
+	$(BIN)/python tools/check_imports.py
 	$(BIN)/python -m pytest -q
 
 test-slow:

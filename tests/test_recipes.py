@@ -57,9 +57,11 @@ def test_per_component_overrides(tmp_path):
     ({"format": "executorch", "backend": "xnnpack", "target": "iOS17"},
      "target 'iOS17' needs backend 'coreml'"),
     ({"format": "executorch", "backend": "xnnpack", "target": "android", "weights": "separate",
-      "unet_chunk_max_bytes": 1000}, "unet_chunk_max_bytes (UNet chunking) applies to format 'coreml' only"),
+      "unet_chunk_max_bytes": 1000},
+     "'unet_chunk_max_bytes' is an option of format 'coreml', not of format 'executorch'; "
+     "valid keys for 'executorch': attention"),
     ({"format": "onnx", "backend": "onnxruntime", "target": "host", "weights": "separate"},
-     "weights: separate (.ptd file) applies to format 'executorch' only"),
+     "'weights' is an option of format 'executorch', not of format 'onnx'"),
     ({"format": "executorch", "backend": "xnnpack", "target": "android", "latent_size": 30},
      "latent_size must be a positive multiple of 8"),
     ({"format": "executorch", "backend": "xnnpack", "target": "android",

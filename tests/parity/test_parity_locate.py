@@ -75,7 +75,7 @@ def test_graph_only_etrecord_says_what_the_locator_could_not_compare(exports, cl
 
 
 def test_descend_enters_the_first_departing_child():
-    from mobile_sd.parity.locate import descend
+    from mobile_sd.parity.locate_tree import descend
 
     calls = OrderedDict((p, ("M", (4,))) for p in ["a.x", "a", "b.y.z", "b.y", "b.w", "b", "c"])
     reference = lambda paths: {p: torch.ones(4) for p in paths}  # noqa: E731

@@ -493,8 +493,8 @@ def test_apply_passes_rejects_a_pass_for_another_component(unet):
 
 
 def test_apply_passes_rejects_unknown_component(unet):
-    with pytest.raises(RecipeError, match="unknown component 'vae'; valid components: unet, "
-                                          "text_encoder, decoder"):
+    with pytest.raises(RecipeError, match="unknown component 'vae'; valid components: "
+                                          "text_encoder, unet, decoder"):
         apply_passes(unet, ["attention_original"], "vae")
 
 

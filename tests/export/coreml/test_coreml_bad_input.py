@@ -44,7 +44,7 @@ def test_unknown_op_name_lists_valid_names(tmp_path, cli):
 def test_unknown_component_in_components_flag(tmp_path, cli):
     code, _, err = cli("export", "--recipe", RECIPE, "--spec", "snapfusion-tiny",
                        "--components", "vae", "--out", tmp_path / "out")
-    assert code == 2 and "valid: text_encoder, unet, decoder" in err
+    assert code == 2 and "valid components: text_encoder, unet, decoder" in err
     assert leftovers(tmp_path) == []
 
 

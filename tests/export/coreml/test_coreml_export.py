@@ -214,7 +214,7 @@ def mixed_bit_unet(tmp_path_factory):
         "components: {text_encoder: {export: false}, decoder: {export: false}}\n")
     out = folder / "out"
     manifest = run_export(load_recipe(recipe_path), build_model("snapfusion-tiny"), out)
-    return out, manifest
+    return out, manifest.to_dict()   # as written to manifest.json
 
 
 def test_mixed_bit_meets_the_size_target_and_writes_the_curve(mixed_bit_unet):
