@@ -4,9 +4,11 @@ One schema for Core ML, ExecuTorch and ONNX. Defaults apply to every component; 
 ``components`` mapping overrides them per component (and may switch one off). Unknown keys and
 conflicting options are :class:`~mobile_sd.errors.RecipeError` with the valid choices.
 
->>> recipe = load_recipe("export_recipes/ios-snapfusion-swift.yaml")   # doctest: +SKIP
->>> recipe.component("unet").attention                                 # doctest: +SKIP
-'split_einsum_v2'
+Example (not run by the tests: it needs real artifacts)::
+
+    recipe = load_recipe("export_recipes/ios-snapfusion-swift.yaml")
+    recipe.component("unet").attention
+    # -> 'split_einsum_v2'
 """
 from __future__ import annotations
 

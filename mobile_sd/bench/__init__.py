@@ -3,9 +3,11 @@ ExecuTorch ``executor_runner``), an iPhone (``xcrun devicectl`` + benchmark app)
 on a Mac, with one runner protocol, typed device faults, stats, the SnapFusion budget and a
 report rendered from JSON-lines data.
 
->>> from mobile_sd.bench import run_bench                      # doctest: +SKIP
->>> results = run_bench(Path("out/snapfusion-xnnpack"), "adb:R5CT32ABCDE", warmup=2, iters=10,
-...                     out_dir=Path("bench"), runner=Path("cmake-android-out/executor_runner"))
+Example (not run by the tests: it needs real artifacts)::
+
+    from mobile_sd.bench import run_bench
+    results = run_bench(Path("out/snapfusion-xnnpack"), "adb:R5CT32ABCDE", warmup=2, iters=10,
+                        out_dir=Path("bench"), runner=Path("cmake-android-out/executor_runner"))
 
 Public API: :func:`run_bench`; :mod:`~mobile_sd.bench.runner` (protocol), ``transports``
 (``parse_target``, ``open_transport``, ``Transport``), :mod:`~mobile_sd.bench.stats`,

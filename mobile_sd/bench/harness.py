@@ -34,8 +34,10 @@ def run_bench(artifact_dir: Path, target: str, warmup: int, iters: int, out_dir:
     ``profile_ops`` collects an ETDump per ``.pte`` for the per-op table. Results go to
     ``out_dir/bench.jsonl`` (``mobile_sd.report.bench_report`` renders them).
 
-    >>> run_bench(Path("out/snapfusion-xnnpack"), "local", 2, 10, Path("bench"))  # doctest: +SKIP
-    [{'component': 'text_encoder', 'status': 'ok', 'stats': {'median_ms': 41.3, ...}}, ...]
+    Example (not run by the tests: it needs real artifacts)::
+
+        run_bench(Path("out/snapfusion-xnnpack"), "local", 2, 10, Path("bench"))
+        # -> [{'component': 'text_encoder', 'status': 'ok', 'stats': {'median_ms': 41.3, ...}}, ...]
     """
     if warmup < 0 or iters < 1:
         raise InvalidArgumentError(f"need warmup >= 0 and iters >= 1, got {warmup} and {iters}")

@@ -10,8 +10,10 @@
 ``torch.ao.quantization.quantize_pt2e`` is gone in torch 2.13; PT2E lives in
 ``torchao.quantization.pt2e``. The quantizer is executorch's ``XNNPACKQuantizer``.
 
->>> ep = quantize_pt2e_static(unet, example, calibration=samples,          # doctest: +SKIP
-...                           fp32_fallback=["conv_in", "conv_out"])
+Example (not run by the tests: it needs real artifacts)::
+
+    ep = quantize_pt2e_static(unet, example, calibration=samples,
+                              fp32_fallback=["conv_in", "conv_out"])
 """
 from __future__ import annotations
 

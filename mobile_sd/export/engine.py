@@ -9,8 +9,10 @@ Memory: once its component is built, the model no longer holds the module, so an
 set ``comp.module = None`` after converting it to free the eager weights (GBs at full size)
 before compression.
 
->>> manifest = run_export(load_recipe("export_recipes/onnx-snapfusion.yaml"),
-...                       build_model("snapfusion-tiny"), Path("out/onnx"))     # doctest: +SKIP
+Example (not run by the tests: it needs real artifacts)::
+
+    manifest = run_export(load_recipe("export_recipes/onnx-snapfusion.yaml"),
+                          build_model("snapfusion-tiny"), Path("out/onnx"))
 """
 from __future__ import annotations
 

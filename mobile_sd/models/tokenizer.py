@@ -202,9 +202,11 @@ def write_vocab_files(out_dir: str | os.PathLike) -> tuple[Path, Path]:
     These two files are all Apple's Swift ``BPETokenizer`` (ml-stable-diffusion) needs next to
     the Core ML models. Existing files are replaced. Returns ``(vocab_path, merges_path)``.
 
-    >>> vocab_path, merges_path = write_vocab_files(tmp_path)  # doctest: +SKIP
-    >>> len(json.loads(vocab_path.read_text()))  # doctest: +SKIP
-    49408
+    Example (not run by the tests: it needs real artifacts)::
+
+        vocab_path, merges_path = write_vocab_files(tmp_path)
+        len(json.loads(vocab_path.read_text()))
+        # -> 49408
     """
     out = _make_dir(out_dir)
     vocab_json, merges_txt = _vocab_files_text()
@@ -223,9 +225,11 @@ def write_tokenizer_folder(out_dir: str | os.PathLike, max_length: int = MAX_LEN
     it offline. Existing files are replaced; for an all-or-nothing folder, call this inside
     :func:`mobile_sd.utils.files.atomic_output_dir`.
 
-    >>> write_tokenizer_folder(tmp_path / "tokenizer")  # doctest: +SKIP
-    >>> load_tokenizer(tmp_path / "tokenizer")("a photo of a cat").input_ids  # doctest: +SKIP
-    [49406, 320, 1125, 539, 320, 2368, 49407]
+    Example (not run by the tests: it needs real artifacts)::
+
+        write_tokenizer_folder(tmp_path / "tokenizer")
+        load_tokenizer(tmp_path / "tokenizer")("a photo of a cat").input_ids
+        # -> [49406, 320, 1125, 539, 320, 2368, 49407]
     """
     _check_max_length(max_length)
     out = _make_dir(out_dir)
@@ -247,9 +251,11 @@ def load_tokenizer(folder: str | os.PathLike) -> "CLIPTokenizer":
     Needs ``vocab.json`` and ``merges.txt``; without ``tokenizer_config.json`` (e.g. a Core ML
     bundle's two files) ``model_max_length`` defaults to 77.
 
-    >>> tok = load_tokenizer("model/tokenizer")  # doctest: +SKIP
-    >>> tok.pad_token_id, tok.model_max_length  # doctest: +SKIP
-    (49407, 77)
+    Example (not run by the tests: it needs real artifacts)::
+
+        tok = load_tokenizer("model/tokenizer")
+        tok.pad_token_id, tok.model_max_length
+        # -> (49407, 77)
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -272,8 +278,10 @@ def load_tokenizer(folder: str | os.PathLike) -> "CLIPTokenizer":
 def default_tokenizer(max_length: int = MAX_LENGTH) -> "CLIPTokenizer":
     """SD's CLIP tokenizer without a folder of your own (written to a temp folder and loaded).
 
-    >>> default_tokenizer().model_max_length  # doctest: +SKIP
-    77
+    Example (not run by the tests: it needs real artifacts)::
+
+        default_tokenizer().model_max_length
+        # -> 77
     """
     with tempfile.TemporaryDirectory(prefix="mobile-sd-tokenizer-") as tmp:
         write_tokenizer_folder(tmp, max_length=max_length)
@@ -308,8 +316,10 @@ def tokenize(tokenizer: "CLIPTokenizer", prompts: str | Sequence[str],
     exactly what ``tokenizer(...)`` gives (and what a device-side BPE tokenizer without ftfy
     gives).
 
-    >>> tokenize(tok, ["a photo of a cat"])[0, :8].tolist()  # doctest: +SKIP
-    [49406, 320, 1125, 539, 320, 2368, 49407, 49407]
+    Example (not run by the tests: it needs real artifacts)::
+
+        tokenize(tok, ["a photo of a cat"])[0, :8].tolist()
+        # -> [49406, 320, 1125, 539, 320, 2368, 49407, 49407]
     """
     _check_max_length(max_length)
     batch = [prompts] if isinstance(prompts, str) else list(prompts)

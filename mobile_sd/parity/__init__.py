@@ -1,11 +1,13 @@
 """Numerical parity of exports: each artifact on the runtime available here against eager
 PyTorch (per component, two tiers), the whole pipeline end to end, and a divergence locator.
 
->>> from mobile_sd.parity import ParityOptions, run_parity          # doctest: +SKIP
->>> report = run_parity("artifacts/android", build_model("snapfusion"),
-...                     ParityOptions(prompts=["a cat"]))            # doctest: +SKIP
->>> report["summary"]                                                # doctest: +SKIP
-{'status': 'pass', 'passed': 4, 'failed': 0, 'skipped': 0}
+Example (not run by the tests: it needs real artifacts)::
+
+    from mobile_sd.parity import ParityOptions, run_parity
+    report = run_parity("artifacts/android", build_model("snapfusion"),
+                        ParityOptions(prompts=["a cat"]))
+    report["summary"]
+    # -> {'status': 'pass', 'passed': 4, 'failed': 0, 'skipped': 0}
 
 Command line: ``mobile-sd parity ARTIFACT_DIR [--model DIR | --spec NAME]`` (see
 :mod:`mobile_sd.commands.parity`). Modules: :mod:`.metrics` (the one implementation of PSNR, SQNR,

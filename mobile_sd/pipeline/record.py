@@ -4,9 +4,11 @@ I/O, int8 calibration data) and ``parity`` (real inputs, end-to-end reference im
 Each prompt runs with its own seed (``seed + i``) and the recorder's context carries the prompt
 index and the guidance scale, which folded-CFG components read to build their inputs.
 
->>> recorder, images = record_runs(model, ["a cat"], steps=1, guidance=4.5)   # doctest: +SKIP
->>> [c.component for c in recorder.calls()][:2]                              # doctest: +SKIP
-['text_encoder', 'text_encoder']
+Example (not run by the tests: it needs real artifacts)::
+
+    recorder, images = record_runs(model, ["a cat"], steps=1, guidance=4.5)
+    [c.component for c in recorder.calls()][:2]
+    # -> ['text_encoder', 'text_encoder']
 """
 from __future__ import annotations
 

@@ -3,10 +3,12 @@
 The loop talks to three callables (:class:`Runners`) so the same code drives eager PyTorch and,
 in parity runs, exported components on their runtimes.
 
->>> from mobile_sd.models.zoo import build_model               # doctest: +SKIP
->>> result = generate(build_model("snapfusion-tiny"), "a cat")  # doctest: +SKIP
->>> result.image.shape                                          # doctest: +SKIP
-(128, 128, 3)
+Example (not run by the tests: it needs real artifacts)::
+
+    from mobile_sd.models.zoo import build_model
+    result = generate(build_model("snapfusion-tiny"), "a cat")
+    result.image.shape
+    # -> (128, 128, 3)
 """
 from __future__ import annotations
 

@@ -5,8 +5,10 @@
 for the latest run, with a history table of the earlier ones. Nothing in the report is typed
 by hand: change the data, re-render.
 
->>> render_report(Path("bench/bench.jsonl"), Path("bench"))       # doctest: +SKIP
-{'markdown': PosixPath('bench/bench.md'), 'plots': [PosixPath('bench/bench_components.png')]}
+Example (not run by the tests: it needs real artifacts)::
+
+    render_report(Path("bench/bench.jsonl"), Path("bench"))
+    # -> {'markdown': PosixPath('bench/bench.md'), 'plots': [PosixPath('bench/bench_components.png')]}
 """
 from __future__ import annotations
 

@@ -11,10 +11,12 @@ A chunked component (several runnable files, each with its own ``inputs``/``outp
 manifest) runs chunk by chunk, each chunk taking its inputs by name from the component's inputs
 and the earlier chunks' outputs.
 
->>> folder = "artifacts/android"
->>> runner = open_component(folder, load_manifest(folder), "unet")  # doctest: +SKIP
->>> runner(sample, timestep, context)[0].shape                     # doctest: +SKIP
-torch.Size([2, 4, 64, 64])
+Example (not run by the tests: it needs real artifacts)::
+
+    folder = "artifacts/android"
+    runner = open_component(folder, load_manifest(folder), "unet")
+    runner(sample, timestep, context)[0].shape
+    # -> torch.Size([2, 4, 64, 64])
 """
 from __future__ import annotations
 

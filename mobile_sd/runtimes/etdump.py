@@ -57,8 +57,10 @@ def op_table(path: str | Path, skip_runs: int = 0, top: int | None = 20,
     medians (ops outside any delegate or kernel event do not count). An ``etrecord`` from the
     export lets the Inspector relate events to graph nodes; it is optional.
 
-    >>> op_table("unet.etdp", skip_runs=1, top=5)           # doctest: +SKIP
-    [{'name': 'Convolution (NHWC, F32) IGEMM #12', 'median_ms': 41.2, ...}, ...]
+    Example (not run by the tests: it needs real artifacts)::
+
+        op_table("unet.etdp", skip_runs=1, top=5)
+        # -> [{'name': 'Convolution (NHWC, F32) IGEMM #12', 'median_ms': 41.2, ...}, ...]
     """
     import numpy as np
 

@@ -130,8 +130,10 @@ def run_pte(path: str | Path, inputs: Sequence, num_threads: int | None = None,
             data_path: str | Path | None = None, as_numpy: bool = False) -> list:
     """Run ``forward`` of a ``.pte`` on the host; returns the outputs (tensors, or numpy arrays).
 
-    >>> run_pte("out/unet.pte", (latents, t, context), num_threads=2)  # doctest: +SKIP
-    [tensor(...)]
+    Example (not run by the tests: it needs real artifacts)::
+
+        run_pte("out/unet.pte", (latents, t, context), num_threads=2)
+        # -> [tensor(...)]
     """
     path = Path(path)
     set_threads(num_threads)

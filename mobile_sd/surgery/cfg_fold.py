@@ -22,8 +22,10 @@ a new wrapper around the same (not copied) UNet; being a wrapper, it must be the
 ``guidance_scale`` is a tensor input (shape ``()``, ``(1,)`` or ``(B,)``), so one exported
 program serves every scale.
 
->>> folded = CfgFoldPass().apply(unet)                                     # doctest: +SKIP
->>> eps = folded(sample, t, cond, uncond, torch.tensor([7.5]))              # doctest: +SKIP
+Example (not run by the tests: it needs real artifacts)::
+
+    folded = CfgFoldPass().apply(unet)
+    eps = folded(sample, t, cond, uncond, torch.tensor([7.5]))
 """
 from __future__ import annotations
 

@@ -24,7 +24,9 @@ transformers ``CLIPAttention`` become ``CLIPSelfAttention(kernel=SplitEinsumAtte
 mobile-sd's own attention modules (``ConvAttention``, ``CLIPSelfAttention``) get the kernel
 swapped. Rewrites in place. Preserves numerics (fp32 max abs error <= 6e-6 on the tiny models).
 
->>> unet = SplitEinsumV2AttentionPass(chunk_size=512).apply(unet)   # doctest: +SKIP
+Example (not run by the tests: it needs real artifacts)::
+
+    unet = SplitEinsumV2AttentionPass(chunk_size=512).apply(unet)
 """
 from __future__ import annotations
 

@@ -58,8 +58,10 @@ def atomic_output_dir(final: str | os.PathLike, overwrite: bool = False) -> Iter
     On any exception (including KeyboardInterrupt) the temp folder is removed, so ``final`` is
     either the complete new output, or untouched. ``ENOSPC`` becomes an :class:`OutputDirError`.
 
-    >>> with atomic_output_dir("out/bundle") as tmp:   # doctest: +SKIP
-    ...     (tmp / "manifest.json").write_text("{}")
+    Example (not run by the tests: it needs real artifacts)::
+
+        with atomic_output_dir("out/bundle") as tmp:
+            (tmp / "manifest.json").write_text("{}")
     """
     final = Path(final).absolute()
     _check_writable_parent(final)

@@ -21,9 +21,11 @@ from mobile_sd.bench.transports.base import LineCallback, RunResult, Transport, 
 class LocalTransport(Transport):
     """Benchmark on this machine.
 
-    >>> t = LocalTransport()                      # doctest: +SKIP
-    >>> t.run([sys.executable, "-c", "print(1)"], timeout_s=10).stdout   # doctest: +SKIP
-    '1\\n'
+    Example (not run by the tests: it needs real artifacts)::
+
+        t = LocalTransport()
+        t.run([sys.executable, "-c", "print(1)"], timeout_s=10).stdout
+        # -> '1\\n'
     """
 
     name = "local"

@@ -10,9 +10,11 @@ Apple's StableDiffusion Swift package loads a *Resources* folder
 ``.mlmodelc`` folders are compiled with ``xcrun coremlcompiler compile`` (macOS with Xcode).
 Elsewhere the step is recorded in ``manifest.skipped`` with the command to run on a Mac.
 
->>> compile_resources(Path("artifacts/ios"), manifest)      # doctest: +SKIP
->>> manifest.skipped[-1]["step"]                               # doctest: +SKIP
-'compile .mlmodelc into Resources/'
+Example (not run by the tests: it needs real artifacts)::
+
+    compile_resources(Path("artifacts/ios"), manifest)
+    manifest.skipped[-1]["step"]
+    # -> 'compile .mlmodelc into Resources/'
 """
 from __future__ import annotations
 

@@ -17,9 +17,11 @@ Swift names and checks the chain by name:
 * every chunk 2 input is a chunk 1 output or an original input, with the same shape;
 * chunk 2's outputs are the original outputs.
 
->>> chunks = bisect_package(out / "Unet.mlpackage", out)        # doctest: +SKIP
->>> [c.path.name for c in chunks]                               # doctest: +SKIP
-['UnetChunk1.mlpackage', 'UnetChunk2.mlpackage']
+Example (not run by the tests: it needs real artifacts)::
+
+    chunks = bisect_package(out / "Unet.mlpackage", out)
+    [c.path.name for c in chunks]
+    # -> ['UnetChunk1.mlpackage', 'UnetChunk2.mlpackage']
 """
 from __future__ import annotations
 

@@ -9,9 +9,11 @@ through coremltools' ``palettize_weights(mode="custom")``, int8 / int4 through
   ``p_unet_conv_out_weight_to_fp16``);
 * a report for the manifest: compression ops per kind, LUT bits, the specs asked for, seconds.
 
->>> mlmodel, report = compress_model(mlmodel, recipe.component("unet").compression)  # doctest: +SKIP
->>> report["ops_by_kind"], report["lut_nbits"]                                      # doctest: +SKIP
-({'palettize': 212, 'linear_quantize': 0}, {'6': 212})
+Example (not run by the tests: it needs real artifacts)::
+
+    mlmodel, report = compress_model(mlmodel, recipe.component("unet").compression)
+    report["ops_by_kind"], report["lut_nbits"]
+    # -> ({'palettize': 212, 'linear_quantize': 0}, {'6': 212})
 """
 from __future__ import annotations
 

@@ -11,9 +11,11 @@ Inputs and outputs are named after the component's ``TensorSpec`` (the converter
 auto-name outputs otherwise) and stay float32 at the boundary, as Apple's Swift package
 feeds and reads them; compute runs in the recipe's precision inside.
 
->>> mlmodel = convert_component(comp, "iOS17", "fp16")        # doctest: +SKIP
->>> path = save_package(mlmodel, out_dir / "Unet.mlpackage")   # doctest: +SKIP
->>> del mlmodel   # it holds the MIL program (every weight): drop it once saved
+Example (not run by the tests: it needs real artifacts)::
+
+    mlmodel = convert_component(comp, "iOS17", "fp16")
+    path = save_package(mlmodel, out_dir / "Unet.mlpackage")
+    del mlmodel   # it holds the MIL program (every weight): drop it once saved
 
 :func:`load_package` reopens a saved package with only the spec in memory (no runtime).
 """
@@ -41,8 +43,10 @@ Progress = Callable[[str], None]
 def deployment_target(name: str) -> Any:
     """``ct.target`` member of a recipe target name.
 
-    >>> deployment_target("iOS18")      # doctest: +SKIP
-    <AvailableTarget.iOS18: 9>
+    Example (not run by the tests: it needs real artifacts)::
+
+        deployment_target("iOS18")
+        # -> <AvailableTarget.iOS18: 9>
     """
     import coremltools as ct
 
@@ -80,8 +84,10 @@ def torch_op_patches() -> Iterator[None]:
     Only names that coremltools does not already know are added, and exactly those are
     removed on exit, so nothing outside the conversion sees a changed op registry.
 
-    >>> with torch_op_patches():                                    # doctest: +SKIP
-    ...     mlmodel = ct.convert(exported_clip, convert_to="mlprogram")
+    Example (not run by the tests: it needs real artifacts)::
+
+        with torch_op_patches():
+            mlmodel = ct.convert(exported_clip, convert_to="mlprogram")
     """
     from coremltools.converters.mil.frontend.torch import ops
     from coremltools.converters.mil.frontend.torch.torch_op_registry import _TORCH_OPS_REGISTRY

@@ -14,9 +14,11 @@ Bundle (:func:`finish`): ``vocab.json`` / ``merges.txt`` (Swift ``BPETokenizer``
 ``ane_lint.md`` summary, and ``Resources/`` compiled with ``xcrun coremlcompiler`` on macOS
 (recorded as skipped elsewhere).
 
->>> entry = export_component(comp, recipe.component("unet"), recipe, tmp, reference)  # doctest: +SKIP
->>> entry["files"][0]["path"], entry["compression"]["ops"]                             # doctest: +SKIP
-('Unet.mlpackage', 212)
+Example (not run by the tests: it needs real artifacts)::
+
+    entry = export_component(comp, recipe.component("unet"), recipe, tmp, reference)
+    entry["files"][0]["path"], entry["compression"]["ops"]
+    # -> ('Unet.mlpackage', 212)
 """
 from __future__ import annotations
 

@@ -16,10 +16,12 @@ Where things live in the spec (``Model.mlProgram``; see ``coremltools/proto/MIL_
     Value = immediateValue (small, inline)
           | blobFileValue ("@model_path/weights/weight.bin", offset of a 64-byte blob header)
 
->>> describe_io("unet.mlpackage")["outputs"]          # doctest: +SKIP
-[{'name': 'noise_pred', 'shape': [1, 4, 64, 64], 'dtype': 'float16', 'flexible': None}]
->>> check_structure("unet.mlpackage", io, {"palettize": 1, "lut_nbits": 4})  # doctest: +SKIP
-[]
+Example (not run by the tests: it needs real artifacts)::
+
+    describe_io("unet.mlpackage")["outputs"]
+    # -> [{'name': 'noise_pred', 'shape': [1, 4, 64, 64], 'dtype': 'float16', 'flexible': None}]
+    check_structure("unet.mlpackage", io, {"palettize": 1, "lut_nbits": 4})
+    # -> []
 """
 from __future__ import annotations
 
@@ -424,9 +426,11 @@ def _log2(n: int | None) -> int | None:
 def compression_ops(model: Any) -> dict:
     """Count of each ``constexpr_*`` op, plus ``"lut_nbits": {nbits: count}`` for LUT ops.
 
-    >>> compression_ops("unet.mlpackage")            # doctest: +SKIP
-    {'constexpr_lut_to_dense': 250, 'constexpr_affine_dequantize': 0,
-     'constexpr_blockwise_shift_scale': 0, 'lut_nbits': {6: 250}}
+    Example (not run by the tests: it needs real artifacts)::
+
+        compression_ops("unet.mlpackage")
+        # -> {'constexpr_lut_to_dense': 250, 'constexpr_affine_dequantize': 0,
+        # -> 'constexpr_blockwise_shift_scale': 0, 'lut_nbits': {6: 250}}
     """
     graph = load_graph(model)
     counts: dict = {name: 0 for name in COMPRESSION_OPS}

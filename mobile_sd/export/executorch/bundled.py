@@ -91,8 +91,10 @@ def verify_bundled(bpte_path: str | Path, atol: float = 1e-4, rtol: float = 1e-4
     a device runner uses) unless the program needs a ``.ptd`` (``<name>.ptd`` beside the bundle,
     or ``data_path``), then the Python comparison described in the module docstring.
 
-    >>> verify_bundled("out/unet.bpte", atol=1e-4)["passed"]   # doctest: +SKIP
-    True
+    Example (not run by the tests: it needs real artifacts)::
+
+        verify_bundled("out/unet.bpte", atol=1e-4)["passed"]
+        # -> True
     """
     bpte_path = Path(bpte_path)
     if not bpte_path.is_file():

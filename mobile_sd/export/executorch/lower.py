@@ -4,12 +4,14 @@ Flow (stack.md): ``torch.export.export`` -> optional quantization -> ``to_edge_t
 (ep, partitioner=[...], generate_etrecord=True)`` -> ``.to_executorch()`` -> save. Graph surgery
 (``mobile_sd.surgery``) is the caller's choice and happens before this call.
 
->>> result = export_pte(unet, (latents, t, context), "out/unet.pte",          # doctest: +SKIP
-...                     backend="xnnpack", precision="fp32",
-...                     input_names=["sample", "timestep", "context"], output_names=["noise"])
->>> result.delegation["partitions"]                                          # doctest: +SKIP
-{'XnnpackBackend': 2}
->>> run_pte(result.pte_path, (latents, t, context))                          # doctest: +SKIP
+Example (not run by the tests: it needs real artifacts)::
+
+    result = export_pte(unet, (latents, t, context), "out/unet.pte",
+                        backend="xnnpack", precision="fp32",
+                        input_names=["sample", "timestep", "context"], output_names=["noise"])
+    result.delegation["partitions"]
+    # -> {'XnnpackBackend': 2}
+    run_pte(result.pte_path, (latents, t, context))
 """
 from __future__ import annotations
 

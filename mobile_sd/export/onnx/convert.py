@@ -7,10 +7,12 @@ installed with onnxruntime) with ``keep_io_types=True``: weights and compute in 
 and outputs stay fp32. Models over 2 GB (protobuf's limit) keep their weights in
 ``<name>.onnx.data`` beside the graph.
 
->>> r = export_onnx(unet, (latents, t, ctx), "out/unet.onnx",               # doctest: +SKIP
-...                 input_names=["sample", "timestep", "context"], output_names=["noise"])
->>> run_onnx(r.path, (latents, t, ctx))[0].shape                           # doctest: +SKIP
-(1, 4, 64, 64)
+Example (not run by the tests: it needs real artifacts)::
+
+    r = export_onnx(unet, (latents, t, ctx), "out/unet.onnx",
+                    input_names=["sample", "timestep", "context"], output_names=["noise"])
+    run_onnx(r.path, (latents, t, ctx))[0].shape
+    # -> (1, 4, 64, 64)
 """
 from __future__ import annotations
 

@@ -6,10 +6,12 @@ on device with a cost model that varies with chip and OS, and Apple publishes no
 finding says "look here", never "this op runs on the GPU". Confirm with ``MLComputePlan`` or
 Xcode's performance report (ane.md section 2).
 
->>> report = lint_package("out/unet.mlpackage")            # doctest: +SKIP
->>> report.counts()["E9"], report.findings[0].rule          # doctest: +SKIP
-(16, 'E1')
->>> Path("unet.lint.md").write_text(report.to_markdown())   # doctest: +SKIP
+Example (not run by the tests: it needs real artifacts)::
+
+    report = lint_package("out/unet.mlpackage")
+    report.counts()["E9"], report.findings[0].rule
+    # -> (16, 'E1')
+    Path("unet.lint.md").write_text(report.to_markdown())
 
 The rule table (:data:`RULES`, in ``ane_rules.py``) is data: id, severity, basis, the public
 source exactly as in ane.md, what it means and what to do. The checks (``ane_checks.py``: E1-E10,
