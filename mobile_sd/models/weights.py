@@ -142,7 +142,7 @@ def find_weights(folder: Path, variant: str | None = None) -> tuple[list[Path], 
                 + (f"; nor {', '.join(wanted[1:])}" if wanted[1:] else "")
                 + f", nor a sharded index); {folder.name}/ holds "
                 + (" and ".join(held) if held else "no safetensors weights")
-                + (f": drop --variant {variant} to load them" if held else ""))
+                + (" (drop --variant, or pass one it holds)" if held else ""))
         return paths, variant
     paths = _find(folder, None)
     if paths is not None:
