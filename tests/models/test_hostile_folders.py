@@ -188,6 +188,14 @@ CASES = [
          "invalid value 'swish'"),
     Case("scheduler zero timesteps", edit(SCHED_CFG, num_train_timesteps=0), SpecError,
          "num_train_timesteps must be > 0"),
+    Case("tokenizer config is a list", raw("tokenizer/tokenizer_config.json", "[]"),
+         ModelFolderError, "expected a JSON object, got list"),
+    Case("tokenizer vocab not UTF-8", raw("tokenizer/vocab.json", b'{"\xff": 0}'),
+         ModelFolderError, "not UTF-8"),
+    Case("tokenizer merges not UTF-8", raw("tokenizer/merges.txt", b"\xff\n"), ModelFolderError,
+         "not UTF-8"),
+    Case("tokenizer vocab is a list", raw("tokenizer/vocab.json", "[1, 2]"), ModelFolderError,
+         "expected a JSON object"),
     # weights and their indexes
     Case("index weight_map is a list", sharded(weight_map=lambda m: sorted(m)), WeightsError,
          "'weight_map' must be a non-empty object mapping tensor names to shard file names "
