@@ -11,7 +11,13 @@ Layout (``mobile-sd init`` writes it; a user's trained folder of the same layout
     scheduler/     scheduler_config.json               (DDIMScheduler)
 
 Standard parts stay readable by ``from_pretrained`` of diffusers/transformers; the SD-v1.5 UNet
-gets a diffusers config, other UNets an ``EfficientUNet`` config holding the mobile-sd spec.
+(and any UNet diffusers can express, e.g. BK-SDM's without a mid block) gets a diffusers config,
+other UNets an ``EfficientUNet`` config holding the mobile-sd spec.
+
+Reading also accepts what published folders hold: weights sharded with a
+``*.safetensors.index.json``, stored in float16/bfloat16 (upcast to float32; the stored dtype is
+kept in ``Model.stored_dtypes``), as ``*.fp16.safetensors`` variants (``variant="fp16"``), and
+text encoders saved by transformers 4.x (``text_model.``-prefixed names).
 """
 from __future__ import annotations
 
