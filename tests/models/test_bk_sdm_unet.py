@@ -99,3 +99,21 @@ def test_spec_yaml_without_mid_block_builds_writes_and_reloads(tmp_path):
     loaded = load_model_folder(tmp_path / "out")
     assert loaded.spec.unet == spec.unet
     assert torch.equal(_outputs(built.unet), _outputs(loaded.unet))
+
+
+@pytest.mark.parametrize("name, params, n_stages", [("bk-sdm-small", 482_346_884, 4),
+                                                    ("bk-sdm-tiny", 323_384_964, 3)])
+def test_shipped_bk_sdm_specs_equal_diffusers_configs(name, params, n_stages):
+    """Full size on the meta device: parameter counts of nota-ai's published UNets."""
+    from diffusers import UNet2DConditionModel
+
+    spec = load_spec(name).unet
+    config = diffusers_config_from_unet_spec(spec)
+    assert config["mid_block_type"] is None and config["layers_per_block"] == 1
+    assert len(config["block_out_channels"]) == n_stages
+    with torch.device("meta"):
+        ours = EfficientUNet(spec)
+        theirs = UNet2DConditionModel(**{k: v for k, v in config.items() if not k.startswith("_")})
+    assert ({k: tuple(v.shape) for k, v in ours.state_dict().items()}
+            == {k: tuple(v.shape) for k, v in theirs.state_dict().items()})
+    assert sum(p.numel() for p in ours.parameters()) == params
