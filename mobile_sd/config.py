@@ -29,15 +29,49 @@ from mobile_sd.errors import SpecError
 T = TypeVar("T")
 
 
+def one_line(text: object) -> str:
+    """``text`` on a single line (errors are printed as one line by the CLI)."""
+    return " ".join(str(text).split())
+
+
+def read_text(path: Path, error: type[Exception]) -> str:
+    """The UTF-8 text of ``path``; unreadable or non-UTF-8 files raise ``error`` naming it."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise error(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+                    f"{exc.start}); save it as UTF-8") from None
+    except OSError as exc:
+        raise error(f"{path}: cannot read ({one_line(exc.strerror or exc)})") from None
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        what = "; ".join(x for x in (exc.context, exc.problem) if x)
+        if "python/" in what:
+            what += " (only plain YAML is read: python/* tags are refused)"
+        return one_line(where + what)
+    return one_line(exc)
+
+
 def load_yaml(path: str | Path, error: type[SpecError] = SpecError) -> dict:
-    """Read a YAML mapping, with errors that name the file."""
+    """Read a YAML mapping, with one-line errors that name the file.
+
+    Only plain YAML (``yaml.safe_load``): ``!!python/...`` tags are refused; so are files that are
+    not UTF-8 or are nested too deeply to parse.
+    """
     path = Path(path)
     if not path.is_file():
         raise error(f"{path}: no such file")
+    text = read_text(path, error)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise error(f"{path}: invalid YAML: {exc}") from exc
+        raise error(f"{path}: invalid YAML: {_yaml_problem(exc)}") from None
+    except RecursionError:
+        raise error(f"{path}: invalid YAML: nested too deeply to read") from None
     if not isinstance(data, dict):
         raise error(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     return data
@@ -139,8 +173,8 @@ def _convert_dataclass(cls: Any, value: Any, where: str, error: type[SpecError])
             raise error(f"{where}: missing required key {name!r}")
     try:
         return cls(**kwargs)
-    except (ValueError, TypeError) as exc:  # __post_init__ validation
-        raise error(f"{where}: {exc}") from exc
+    except (ValueError, TypeError, ArithmeticError) as exc:  # __post_init__ validation
+        raise error(one_line(f"{where}: {exc}")) from None
 
 
-__all__ = ["from_dict", "to_dict", "load_yaml", "typing"]
+__all__ = ["from_dict", "to_dict", "load_yaml", "one_line", "read_text", "typing"]

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mobile_sd.errors import SpecError
 from mobile_sd.models.spec import DecoderSpec
 
 
@@ -44,14 +45,26 @@ def autoencoder_config(spec: DecoderSpec) -> dict[str, Any]:
             "act_fn": "silu", "scaling_factor": spec.scaling_factor, "sample_size": 512}
 
 
-def decoder_spec_from_autoencoder(config: dict[str, Any]) -> DecoderSpec:
+def decoder_spec_from_autoencoder(config: dict[str, Any],
+                                  where: str = "vae/config.json") -> DecoderSpec:
     """The :class:`DecoderSpec` of a diffusers ``AutoencoderKL`` config (its decoder half)."""
-    return DecoderSpec(block_out_channels=tuple(config["block_out_channels"]),
-                       layers_per_block=config.get("layers_per_block", 2),
-                       latent_channels=config.get("latent_channels", 4),
-                       out_channels=config.get("out_channels", 3),
-                       norm_num_groups=config.get("norm_num_groups", 32),
-                       scaling_factor=config.get("scaling_factor", 0.18215), format="vae")
+    from mobile_sd.config import from_dict
+
+    if not isinstance(config, dict):
+        raise SpecError(f"{where}: expected a JSON object, got {type(config).__name__}")
+    if "block_out_channels" not in config:
+        raise SpecError(f"{where}: missing required key 'block_out_channels'")
+    up_types = config.get("up_block_types", ["UpDecoderBlock2D"])
+    if not isinstance(up_types, list) or set(map(str, up_types)) != {"UpDecoderBlock2D"}:
+        raise SpecError(f"{where}: up_block_types {up_types!r} not supported "
+                        "(only UpDecoderBlock2D)")
+    body = {"block_out_channels": config["block_out_channels"],
+            "layers_per_block": config.get("layers_per_block", 2),
+            "latent_channels": config.get("latent_channels", 4),
+            "out_channels": config.get("out_channels", 3),
+            "norm_num_groups": config.get("norm_num_groups", 32),
+            "scaling_factor": config.get("scaling_factor", 0.18215), "format": "vae"}
+    return from_dict(DecoderSpec, body, where=where)
 
 
 def build_autoencoder(spec: DecoderSpec):

@@ -11,7 +11,13 @@ Layout (``mobile-sd init`` writes it; a user's trained folder of the same layout
     scheduler/     scheduler_config.json               (DDIMScheduler)
 
 Standard parts stay readable by ``from_pretrained`` of diffusers/transformers; the SD-v1.5 UNet
-gets a diffusers config, other UNets an ``EfficientUNet`` config holding the mobile-sd spec.
+(and any UNet diffusers can express, e.g. BK-SDM's without a mid block) gets a diffusers config,
+other UNets an ``EfficientUNet`` config holding the mobile-sd spec.
+
+Reading also accepts what published folders hold: weights sharded with a
+``*.safetensors.index.json``, stored in float16/bfloat16 (upcast to float32; the stored dtype is
+kept in ``Model.stored_dtypes``), as ``*.fp16.safetensors`` variants (``variant="fp16"``), and
+text encoders saved by transformers 4.x (``text_model.``-prefixed names).
 """
 from __future__ import annotations
 
@@ -22,16 +28,17 @@ from typing import Any
 import torch
 
 from mobile_sd import __version__
-from mobile_sd.config import from_dict, to_dict
+from mobile_sd.config import from_dict, one_line, read_text, to_dict
 from mobile_sd.errors import ModelFolderError, SpecError
 from mobile_sd.models.decoder import (ImageDecoder, autoencoder_config, build_autoencoder,
                                       decoder_spec_from_autoencoder)
 from mobile_sd.models.diffusers_compat import (diffusers_config_from_unet_spec,
                                                unet_spec_from_diffusers)
 from mobile_sd.models.spec import (DecoderSpec, ModelSpec, SchedulerSpec, UNetSpec)
-from mobile_sd.models.text_encoder import clip_config, spec_from_clip_config
+from mobile_sd.models.text_encoder import (clip_config, normalize_clip_state_dict,
+                                           spec_from_clip_config)
 from mobile_sd.models.unet import EfficientUNet
-from mobile_sd.models.weights import load_weights, save_weights
+from mobile_sd.models.weights import check_variant, load_weights, save_weights
 from mobile_sd.models.zoo import Model
 from mobile_sd.utils.files import atomic_output_dir
 
@@ -118,12 +125,19 @@ def _model_index(spec: ModelSpec, decoder_dir: str) -> dict[str, Any]:
 
 
 def _read_json(path: Path) -> dict:
+    """A component's JSON config, which must be a JSON object; one-line errors naming it."""
     if not path.is_file():
         raise ModelFolderError(f"{path}: missing; the component folder must hold its config")
+    text = read_text(path, ModelFolderError)
     try:
-        return json.loads(path.read_text())
+        data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ModelFolderError(f"{path}: invalid JSON ({exc})") from exc
+        raise ModelFolderError(f"{path}: invalid JSON ({one_line(exc)})") from None
+    except RecursionError:
+        raise ModelFolderError(f"{path}: invalid JSON (nested too deeply)") from None
+    if not isinstance(data, dict):
+        raise ModelFolderError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def _component_dir(root: Path, name: str) -> Path:
@@ -135,68 +149,98 @@ def _component_dir(root: Path, name: str) -> Path:
     return folder
 
 
+def _body(config: dict) -> dict:
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
 def read_unet_spec(folder: Path) -> UNetSpec:
-    config = _read_json(folder / "config.json")
+    path = folder / "config.json"
+    config = _read_json(path)
     kind = config.get("_class_name")
     if kind == "UNet2DConditionModel":
-        return unet_spec_from_diffusers(config)
+        return unet_spec_from_diffusers(config, where=str(path))
     if kind == "EfficientUNet":
-        body = {k: v for k, v in config.items() if not k.startswith("_")}
-        return from_dict(UNetSpec, body, where=str(folder / "config.json"))
-    raise SpecError(f"{folder / 'config.json'}: _class_name {kind!r} is not a UNet mobile-sd "
+        return from_dict(UNetSpec, _body(config), where=str(path))
+    raise SpecError(f"{path}: _class_name {kind!r} is not a UNet mobile-sd "
                     "reads; expected 'UNet2DConditionModel' or 'EfficientUNet'")
 
 
 def _read_decoder(root: Path) -> tuple[DecoderSpec, Path, tuple[str, ...] | None]:
     if (root / "vae_decoder").is_dir():
-        folder = root / "vae_decoder"
-        body = {k: v for k, v in _read_json(folder / "config.json").items()
-                if not k.startswith("_")}
-        return from_dict(DecoderSpec, body, where=str(folder / "config.json")), folder, None
-    folder = _component_dir(root, "vae")
-    return decoder_spec_from_autoencoder(_read_json(folder / "config.json")), folder, DECODER_KEYS
+        path = root / "vae_decoder" / "config.json"
+        return from_dict(DecoderSpec, _body(_read_json(path)), where=str(path)), path.parent, None
+    path = _component_dir(root, "vae") / "config.json"
+    return (decoder_spec_from_autoencoder(_read_json(path), where=str(path)), path.parent,
+            DECODER_KEYS)
 
 
-def _read_scheduler(root: Path, index: dict) -> SchedulerSpec:
-    config = _read_json(_component_dir(root, "scheduler") / "scheduler_config.json")
-    meta = index.get("_mobile_sd", {})
+def _read_scheduler(root: Path, meta: dict) -> SchedulerSpec:
+    path = _component_dir(root, "scheduler") / "scheduler_config.json"
+    config = _read_json(path)
     known = {f: config[f] for f in ("prediction_type", "timestep_spacing", "num_train_timesteps",
                                     "beta_start", "beta_end", "beta_schedule", "steps_offset")
              if f in config}
     known.update({k: meta[k] for k in ("default_steps", "default_guidance") if k in meta})
-    return from_dict(SchedulerSpec, known, where=str(root / "scheduler"))
+    return from_dict(SchedulerSpec, known, where=str(path))
 
 
-def _meta_module(build):
-    """Build on the meta device: loading assigns the real tensors, so no random init is paid."""
-    with torch.device("meta"):
-        return build()
+def _build(build, where: Path, device: str | None = "meta"):
+    """Build a module (on the meta device: loading assigns the real tensors, so no random init
+    is paid); a config the spec checks let through but torch/diffusers refuse names its file."""
+    try:
+        if device is None:
+            return build()
+        with torch.device(device):
+            return build()
+    except (ValueError, TypeError, RuntimeError, ArithmeticError) as exc:
+        raise SpecError(f"{where}: cannot build this component ({one_line(exc)})") from None
 
 
-def load_model_folder(root: str | Path) -> Model:
-    """Read a model folder (ours or a user's trained one of the same layout)."""
+def load_model_folder(root: str | Path, variant: str | None = None) -> Model:
+    """Read a model folder (ours or a user's trained one of the same layout).
+
+    ``variant`` (like diffusers' ``variant="fp16"``) reads ``*.{variant}.safetensors`` in every
+    weights folder and fails naming the file when one is missing. Without it the plain files are
+    read, or, in a folder that has none but exactly one variant, that variant. Weights stored in
+    float16/bfloat16 are upcast to float32; ``Model.stored_dtypes`` / ``Model.variants`` say what
+    was stored. Every problem is a one-line :class:`ModelFolderError` / :class:`SpecError`.
+    """
     from transformers import CLIPTextModel
 
     from mobile_sd.models.tokenizer import load_tokenizer
 
+    check_variant(variant)
     root = Path(root)
     if not root.is_dir():
         raise ModelFolderError(f"{root}: no such model folder; create one with "
                                "`mobile-sd init --spec snapfusion --out DIR` or point --model "
                                "at a trained diffusers-style folder")
     index = _read_json(root / "model_index.json")
+    meta = index.get("_mobile_sd")
+    meta = meta if isinstance(meta, dict) else {}
+    info = {}
     unet_dir = _component_dir(root, "unet")
-    unet = load_weights(_meta_module(lambda: EfficientUNet(read_unet_spec(unet_dir))), unet_dir)
+    unet_spec = read_unet_spec(unet_dir)
+    unet = _build(lambda: EfficientUNet(unet_spec), unet_dir / "config.json")
+    info["unet"] = load_weights(unet, unet_dir, variant=variant)
     text_dir = _component_dir(root, "text_encoder")
-    text_spec = spec_from_clip_config(_read_json(text_dir / "config.json"))
-    clip = CLIPTextModel(clip_config(text_spec))  # small; built for real (non-persistent buffers)
-    load_weights(clip, text_dir)
+    text_spec = spec_from_clip_config(_read_json(text_dir / "config.json"),
+                                      where=str(text_dir / "config.json"))
+    # small; built for real (non-persistent buffers)
+    clip = _build(lambda: CLIPTextModel(clip_config(text_spec)), text_dir / "config.json", None)
+    info["text_encoder"] = load_weights(clip, text_dir, variant=variant,
+                                        rename=normalize_clip_state_dict)
     dec_spec, dec_dir, keep = _read_decoder(root)
-    decoder = load_weights(_meta_module(lambda: ImageDecoder(dec_spec)), dec_dir, keep)
+    decoder = _build(lambda: ImageDecoder(dec_spec), dec_dir / "config.json")
+    info["decoder"] = load_weights(decoder, dec_dir, keep, variant=variant)
     tokenizer = load_tokenizer(_component_dir(root, "tokenizer"))
-    meta = index.get("_mobile_sd", {})
-    spec = ModelSpec(name=meta.get("spec", root.name), unet=unet.spec, text_encoder=text_spec,
-                     decoder=dec_spec, scheduler=_read_scheduler(root, index),
-                     seed=meta.get("seed", 0), description=meta.get("description", ""))
+    seed = meta.get("seed", 0)
+    spec = ModelSpec(name=str(meta.get("spec", root.name)), unet=unet.spec,
+                     text_encoder=text_spec, decoder=dec_spec,
+                     scheduler=_read_scheduler(root, meta),
+                     seed=seed if isinstance(seed, int) and not isinstance(seed, bool) else 0,
+                     description=str(meta.get("description", "")))
     return Model(spec=spec, unet=unet.eval(), text_encoder=clip.eval(), decoder=decoder.eval(),
-                 tokenizer=tokenizer, source=str(root))
+                 tokenizer=tokenizer, source=str(root),
+                 stored_dtypes={k: v.stored_dtype for k, v in info.items()},
+                 variants={k: v.variant for k, v in info.items()})

@@ -80,11 +80,21 @@ def default_layout(resnets: int, attentions: int) -> str:
     return "".join(RES + ATTN * n for n in after)
 
 
+def _positive(**values) -> None:
+    """Raise ``ValueError`` naming the first of ``values`` that is not > 0."""
+    for name, value in values.items():
+        if not value > 0:
+            raise ValueError(f"{name} must be > 0, got {value!r}")
+
+
 @dataclass(frozen=True)
 class UNetSpec:
-    """The denoising UNet. Skip connections follow the rule in :mod:`mobile_sd.models.unet`."""
+    """The denoising UNet. Skip connections follow the rule in :mod:`mobile_sd.models.unet`.
+
+    ``mid`` may be null: no mid block (BK-SDM-Small/Tiny, diffusers' ``mid_block_type: null``).
+    """
     down: tuple[StageSpec, ...]
-    mid: StageSpec
+    mid: StageSpec | None
     up: tuple[StageSpec, ...]
     in_channels: int = 4
     out_channels: int = 4
@@ -94,15 +104,27 @@ class UNetSpec:
     norm_eps: float = 1e-5
     sample_size: int = 64
 
+    @property
+    def stages(self) -> tuple[StageSpec, ...]:
+        """Down stages, the mid stage (when there is one), up stages."""
+        return (*self.down, *((self.mid,) if self.mid is not None else ()), *self.up)
+
     def __post_init__(self) -> None:
+        if not self.down or not self.up:
+            raise ValueError("need at least one down and one up stage")
+        _positive(in_channels=self.in_channels, out_channels=self.out_channels,
+                  cross_attention_dim=self.cross_attention_dim,
+                  attention_heads=self.attention_heads, norm_num_groups=self.norm_num_groups,
+                  norm_eps=self.norm_eps, sample_size=self.sample_size)
+        after_down = (*((self.mid,) if self.mid is not None else ()), *self.up)
         downs = sum(s.downsample for s in self.down)
-        ups = sum(s.upsample for s in (self.mid, *self.up))
+        ups = sum(s.upsample for s in after_down)
         if downs != ups:
             raise ValueError(f"{downs} downsampling stages but {ups} upsampling stages; "
                              "the UNet must return to the input resolution")
-        if any(s.upsample for s in self.down) or any(s.downsample for s in (self.mid, *self.up)):
+        if any(s.upsample for s in self.down) or any(s.downsample for s in after_down):
             raise ValueError("down stages may only downsample, mid/up stages only upsample")
-        for stage in (*self.down, self.mid, *self.up):
+        for stage in self.stages:
             if stage.channels % self.norm_num_groups:
                 raise ValueError(f"channels {stage.channels} not divisible by norm_num_groups "
                                  f"{self.norm_num_groups}")
@@ -126,6 +148,17 @@ class TextEncoderSpec:
     hidden_act: Literal["quick_gelu", "gelu"] = "quick_gelu"
     layer_norm_eps: float = 1e-5
 
+    def __post_init__(self) -> None:
+        _positive(hidden_size=self.hidden_size,
+                  num_hidden_layers=self.num_hidden_layers,
+                  num_attention_heads=self.num_attention_heads,
+                  intermediate_size=self.intermediate_size, projection_dim=self.projection_dim,
+                  vocab_size=self.vocab_size, max_length=self.max_length,
+                  layer_norm_eps=self.layer_norm_eps)
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} not divisible by "
+                             f"num_attention_heads {self.num_attention_heads}")
+
 
 @dataclass(frozen=True)
 class DecoderSpec:
@@ -142,6 +175,24 @@ class DecoderSpec:
     scaling_factor: float = 0.18215
     format: Literal["vae", "decoder"] = "vae"
 
+    def __post_init__(self) -> None:
+        if not self.block_out_channels:
+            raise ValueError("block_out_channels must not be empty")
+        _positive(layers_per_block=self.layers_per_block,
+                  latent_channels=self.latent_channels, out_channels=self.out_channels,
+                  norm_num_groups=self.norm_num_groups, scaling_factor=self.scaling_factor)
+        for channels in self.block_out_channels:
+            _positive(block_out_channels=channels)
+            if channels % self.norm_num_groups:
+                raise ValueError(f"block_out_channels {channels} not divisible by "
+                                 f"norm_num_groups {self.norm_num_groups}")
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Image pixels per latent pixel along each side: ``2 ** (len(block_out_channels) - 1)``
+        (diffusers' ``vae_scale_factor``; 8 for SD's VAE and SnapFusion's decoder)."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
 
 @dataclass(frozen=True)
 class SchedulerSpec:
@@ -156,6 +207,13 @@ class SchedulerSpec:
     default_steps: int = 8
     default_guidance: float = 4.5
 
+    def __post_init__(self) -> None:
+        _positive(num_train_timesteps=self.num_train_timesteps,
+                  default_steps=self.default_steps)
+        if self.steps_offset < 0 or not 0 <= self.beta_start <= self.beta_end < 1:
+            raise ValueError("need steps_offset >= 0 and 0 <= beta_start <= beta_end < 1 (got "
+                             f"{self.steps_offset}, {self.beta_start}, {self.beta_end})")
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -168,6 +226,16 @@ class ModelSpec:
     scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
     seed: int = 0
     notes: str = ""
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Image size / latent size (``decoder.vae_scale_factor``; 8 for SD-style decoders)."""
+        return self.decoder.vae_scale_factor
+
+    @property
+    def image_size(self) -> int:
+        """Side of the images the model makes at its UNet's ``sample_size``."""
+        return self.unet.sample_size * self.vae_scale_factor
 
 
 def _spec_dir() -> Path:

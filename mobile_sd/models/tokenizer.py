@@ -265,14 +265,43 @@ def load_tokenizer(folder: str | os.PathLike) -> "CLIPTokenizer":
     if missing:
         raise ModelFolderError(f"tokenizer folder {folder} has no {' or '.join(missing)}; "
                                "rewrite it with mobile_sd.models.tokenizer.write_tokenizer_folder")
+    _check_tokenizer_files(folder)
     from transformers import CLIPTokenizer
 
     extra = {} if (folder / CONFIG_FILE).is_file() else {"model_max_length": MAX_LENGTH}
     try:
         return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True, **extra)
     except Exception as exc:  # transformers raises many types; the user needs the folder name
-        raise ModelFolderError(f"cannot load the CLIP tokenizer from {folder}: "
-                               f"{type(exc).__name__}: {exc}") from exc
+        from mobile_sd.config import one_line
+
+        raise ModelFolderError(one_line(f"cannot load the CLIP tokenizer from {folder}: "
+                                        f"{type(exc).__name__}: {exc}")[:600]) from exc
+
+
+def _check_tokenizer_files(folder: Path) -> None:
+    """UTF-8 text, and JSON objects where JSON is expected: one-line errors naming the file."""
+    from mobile_sd.config import one_line, read_text
+
+    def fail(problem: str):
+        return ModelFolderError(f"cannot load the CLIP tokenizer from {folder}: {problem}")
+
+    for name in (VOCAB_FILE, MERGES_FILE, CONFIG_FILE, SPECIAL_TOKENS_FILE):
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            text = read_text(path, ModelFolderError)
+        except ModelFolderError as exc:
+            raise fail(str(exc).replace(str(path), name, 1)) from None
+        if name.endswith(".json"):
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise fail(f"{name}: invalid JSON ({one_line(exc)})") from None
+            except RecursionError:
+                raise fail(f"{name}: invalid JSON (nested too deeply)") from None
+            if not isinstance(data, dict):
+                raise fail(f"{name}: expected a JSON object, got {type(data).__name__}")
 
 
 def default_tokenizer(max_length: int = MAX_LENGTH) -> "CLIPTokenizer":

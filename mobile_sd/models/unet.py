@@ -89,7 +89,7 @@ def skip_plan(spec: UNetSpec) -> tuple[list[list[int]], list[int]]:
         if stage.downsample:
             level += 1
             levels.setdefault(level, []).append(stage.channels)
-    level -= spec.mid.upsample
+    level -= spec.mid is not None and spec.mid.upsample
     plan = []
     for i, stage in enumerate(spec.up):
         stack = levels.get(level, [])
@@ -125,8 +125,10 @@ class EfficientUNet(nn.Module):
         for stage in spec.down:
             self.down_blocks.append(UNetStage(stage, channels, [], spec, temb))
             channels = stage.channels
-        self.mid_block = UNetStage(spec.mid, channels, [], spec, temb)
-        channels = spec.mid.channels
+        # No mid block (BK-SDM-Small/Tiny): None, like diffusers' ``mid_block_type=None``.
+        self.mid_block = (UNetStage(spec.mid, channels, [], spec, temb)
+                          if spec.mid is not None else None)
+        channels = spec.mid.channels if spec.mid is not None else channels
         self.up_blocks = nn.ModuleList()
         for stage, skips in zip(spec.up, plan):
             self.up_blocks.append(UNetStage(stage, channels, skips, spec, temb))
@@ -151,8 +153,9 @@ class EfficientUNet(nn.Module):
                 skips.setdefault(level, []).append(pushed[-1])
             else:
                 skips.setdefault(before, []).extend(pushed)
-        hidden, _ = self.mid_block(hidden, temb, encoder_hidden_states)
-        level -= hasattr(self.mid_block, "upsamplers")
+        if self.mid_block is not None:
+            hidden, _ = self.mid_block(hidden, temb, encoder_hidden_states)
+            level -= hasattr(self.mid_block, "upsamplers")
         for block in self.up_blocks:
             hidden, _ = block(hidden, temb, encoder_hidden_states, skips[level])
             level -= hasattr(block, "upsamplers")

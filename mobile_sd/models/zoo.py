@@ -31,6 +31,18 @@ class Model:
     tokenizer: Any = None
     source: str = ""
     extra: dict = field(default_factory=dict)
+    #: Per component, the dtype its weights were stored in before loading upcast them to fp32
+    #: (``float16``, ``bfloat16``, ``float32``; ``float16+float32`` when a file mixes them).
+    stored_dtypes: dict[str, str] = field(
+        default_factory=lambda: dict.fromkeys(SEED_OFFSETS, "float32"))
+    #: The weights variant read (``fp16``...), per component; None: plain files or built.
+    variants: dict[str, str | None] = field(default_factory=lambda: dict.fromkeys(SEED_OFFSETS))
+
+    @property
+    def stored_dtype(self) -> str:
+        """One word for manifests: the common stored dtype, or ``mixed`` when they differ."""
+        kinds = set(self.stored_dtypes.values())
+        return kinds.pop() if len(kinds) == 1 else "mixed"
 
     def components(self) -> dict[str, nn.Module]:
         return {"text_encoder": self.text_encoder, "unet": self.unet, "decoder": self.decoder}
