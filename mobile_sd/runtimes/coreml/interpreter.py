@@ -32,6 +32,7 @@ class OpInfo:
     outputs: tuple[str, ...]
     weights: tuple[str, ...] = ()
     hint: str = ""                  # torch module path guessed from the weight names, if any
+    inputs: tuple[str, ...] = ()    # non-const input var names (activations)
 
 
 @dataclass
@@ -132,8 +133,10 @@ def prepare(function, mode: str = "typed", path=None, recipe: str | None = None)
                 prep.consts[name] = value
             continue
         prep.steps.append(step)
+        acts = tuple(n for _, ref in inputs for n in (ref if isinstance(ref, list) else [ref])
+                     if n not in prep.consts)
         prep.ops.append(OpInfo(op.name, op.op_type, tuple(n for n, _ in outputs), weights,
-                               source_hint(weights)))
+                               source_hint(weights), acts))
     return prep
 
 
@@ -169,7 +172,7 @@ def run_prepared(prep: PreparedProgram, inputs: dict, record: bool = False, path
             raise MilRuntimeError(f"{path or 'MIL program'}: input '{name}' has shape "
                                   f"{tuple(t.shape)}, the program expects {shape}")
         env[name] = convert(t, dtype_name(var.dtype), prep.mode)
-    recorded = {} if record else None
+    recorded = {n: env[n] for n in prep.input_vars} if record else None
     with torch.no_grad():
         for step in prep.steps:
             for (name, _), value in zip(step.outputs, _execute(step, env, prep.mode, path)):
@@ -185,7 +188,7 @@ def run_program(program, inputs: dict, mode: str = "typed", record: bool = False
     """Run a MIL ``Program`` (or its function) on ``inputs`` (name -> tensor/array).
 
     Returns ``{output name: tensor}``; with ``record=True`` returns ``(outputs, recorded)``
-    where ``recorded`` maps every op output name to its value, in execution order.
+    where ``recorded`` maps the inputs and every op output name to its value, in execution order.
     """
     function = program.functions["main"] if hasattr(program, "functions") else program
     return run_prepared(prepare(function, mode, path, recipe), inputs, record, path)

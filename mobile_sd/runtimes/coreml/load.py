@@ -39,7 +39,10 @@ def _quiet_coremltools() -> None:
 
 def _iter_blob_values(block_spec):
     for op in block_spec.operations:
-        for value in op.attributes.values():
+        values = list(op.attributes.values())
+        for arg in op.inputs.values():            # constexpr inputs carry inline blob values
+            values += [a.value for a in arg.arguments if a.WhichOneof("binding") == "value"]
+        for value in values:
             if value.WhichOneof("value") == "blobFileValue":
                 yield value.blobFileValue
         for inner in op.blocks:
