@@ -84,6 +84,21 @@ def _truncated(path, wfile, size, needed) -> str:
             f"{needed}); copy or re-export the package")
 
 
+def _check_manifest_items(path: Path) -> None:
+    try:
+        manifest = json.loads((path / "Manifest.json").read_text())
+        entries = manifest["itemInfoEntries"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise MilRuntimeError(f"{path}: Manifest.json is unreadable or has no itemInfoEntries; "
+                              f"re-export the package") from None
+    for entry in entries.values():
+        item = path / "Data" / str(entry.get("path", ""))
+        if not item.exists():
+            what = "weights folder" if "weights" in item.name else "item"
+            raise MilRuntimeError(f"{path}: {what} {item} listed in Manifest.json is missing; "
+                                  f"copy the whole .mlpackage again")
+
+
 def load_package(path: str | os.PathLike, function_name: str = "main") -> LoadedPackage:
     """Read ``path`` (an ``.mlpackage`` directory) into a MIL program; errors are one line."""
     path = Path(path)
@@ -96,8 +111,8 @@ def load_package(path: str | os.PathLike, function_name: str = "main") -> Loaded
     import coremltools as ct
     from coremltools.converters.mil.frontend.milproto import load as milproto_load
 
+    _check_manifest_items(path)
     try:
-        json.loads((path / "Manifest.json").read_text())
         mlmodel = ct.models.MLModel(str(path), skip_model_load=True)
     except Exception as exc:  # coremltools raises bare Exceptions for broken packages
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
