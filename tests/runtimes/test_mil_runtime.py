@@ -52,12 +52,15 @@ def test_shipped_recipe_packages_match_eager_fp32(recipe, spec):
 
 
 def test_fp32_export_matches_eager_to_conversion_error():
-    """No fp16, no palette: only the conversion (and this interpreter) can differ from eager."""
+    """No fp16, no palette: only the conversion (and this interpreter) can differ from eager.
+    Measured 134-140 dB (summation order); gelu's tanh approximation instead of erf would give
+    ~105 dB on the UNet, a wrong layer_norm epsilon ~60 dB."""
     folder = export("test-ios-fp32")
     for component in COMPONENTS:
         for mode in ("typed", "fp32"):
             value = _run(folder, component, mode)
-            assert value > 90.0, (component, mode, value)
+            print(f"fp32 export {component} {mode}: {value:.1f} dB")
+            assert value > 115.0, (component, mode, value)
 
 
 def _lut_blob(package, weight_name):
