@@ -155,3 +155,25 @@ def test_fp16_overflow_shows_in_typed_mode_only(tmp_path):
     assert first_inf.op_type in ("matmul", "einsum", "linear"), first_inf
     # its inputs are finite: the overflow happens in that op
     assert first_inf.inputs and all(torch.isfinite(rec[n]).all() for n in first_inf.inputs)
+
+
+def test_typed_mode_skipping_rounding_of_moves_is_exact():
+    """Data-movement ops on fp16 values skip the rounding: same bits as rounding every op."""
+    from mobile_sd.runtimes.coreml import run_prepared
+
+    folder = export("ios-snapfusion-fast")
+    model = MilModel(folder / "Unet.mlpackage", mode="typed")
+    ins = package_inputs(model, reference_call(folder, "unet")[0])
+    prep = model._prepared
+    skipped = [s for s in prep.steps if not s.rounds]
+    assert len(skipped) > 100
+    fast, fast_rec = run_prepared(prep, ins, record=True)
+    for step in skipped:
+        step.rounds = True
+    try:
+        full, full_rec = run_prepared(prep, ins, record=True)
+    finally:
+        for step in skipped:
+            step.rounds = False
+    assert fast_rec.keys() == full_rec.keys()
+    assert all(torch.equal(fast_rec[k], full_rec[k]) for k in fast_rec)

@@ -24,6 +24,14 @@ _INT_DTYPES = {"int8": torch.int8, "uint8": torch.uint8, "int16": torch.int16,
                "uint32": torch.int64, "uint64": torch.int64, "bool": torch.bool}
 
 
+# Ops that only move / pick values: given fp16-valued inputs their outputs are fp16 values
+# already, so typed mode skips the (exact, no-op) rounding.
+_MOVES = frozenset({"reshape", "transpose", "expand_dims", "squeeze", "slice_by_index",
+                    "slice_by_size", "split", "concat", "stack", "tile", "gather",
+                    "gather_along_axis", "gather_nd", "select", "identity", "flatten2d",
+                    "upsample_nearest_neighbor", "relu", "maximum", "minimum"})
+
+
 @dataclass(frozen=True)
 class OpInfo:
     """One executed op, for divergence locators: name, type, outputs and a source hint."""
@@ -41,6 +49,7 @@ class _Step:
     kernel: object
     inputs: list                    # (arg name, var name | [var names])
     outputs: list                   # (var name, dtype string)
+    rounds: bool = True             # typed mode: round fp16 outputs (False: already fp16 values)
 
 
 @dataclass
@@ -125,7 +134,7 @@ def prepare(function, mode: str = "typed", path=None, recipe: str | None = None)
             inputs.append((arg, names if isinstance(var, (list, tuple)) else names[0]))
         outputs = [(v.name, dtype_name(v.dtype)) for v in op.outputs]
         produced.update(name for name, _ in outputs)
-        step = _Step(op, kernel, inputs, outputs)
+        step = _Step(op, kernel, inputs, outputs, rounds=not _moves_fp16(op))
         weights = tuple(n for _, n in inputs if isinstance(n, str) and n in prep.consts
                         and isinstance(prep.consts[n], torch.Tensor) and prep.consts[n].numel() > 1)
         if op.op_type.startswith("constexpr_"):
@@ -138,6 +147,18 @@ def prepare(function, mode: str = "typed", path=None, recipe: str | None = None)
         prep.ops.append(OpInfo(op.name, op.op_type, tuple(n for n, _ in outputs), weights,
                                source_hint(weights), acts))
     return prep
+
+
+def _moves_fp16(op) -> bool:
+    if op.op_type not in _MOVES:
+        return False
+    names = {dtype_name(v.dtype) for v in op.outputs}
+    for var in op.inputs.values():
+        for v in (var if isinstance(var, (list, tuple)) else [var]):
+            name = dtype_name(v.dtype)
+            if name in ("fp32", "fp64"):
+                return False
+    return names <= {"fp16"}
 
 
 def _execute(step: _Step, env: dict, mode: str, path=None) -> list:
@@ -154,6 +175,9 @@ def _execute(step: _Step, env: dict, mode: str, path=None) -> list:
                               f"({step.op.op_type}) failed: {msg}") from exc
     if not isinstance(result, (list, tuple)):
         result = (result,)
+    if not step.rounds:      # contiguous like a rounded copy: torch's strided kernels can
+        result = [t.contiguous() if isinstance(t, torch.Tensor) else t for t in result]
+        mode = "fp32"        # differ from contiguous ones in the last fp32 bit
     return [convert(t, dt, mode) for t, (_, dt) in zip(result, step.outputs)]
 
 
