@@ -1,0 +1,1 @@
+"""Host runtimes that execute exported artifacts without the target device (see ``coreml``)."""

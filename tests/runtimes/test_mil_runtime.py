@@ -1,0 +1,179 @@
+"""The MIL runtime on real exports: every shipped iOS recipe (tiny models, latent 8) against the
+eager fp32 modules, a corrupted palette located by the recorded values, fp16 overflow."""
+from __future__ import annotations
+
+import shutil
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from mobile_sd.runtimes.coreml import MilModel, first_divergence, load_package, psnr
+from mil_exports import export, match_output, package_inputs, reference_call
+
+SHIPPED = [("ios-snapfusion-fast", "snapfusion-tiny"), ("ios-snapfusion-swift", "snapfusion-tiny"),
+           ("ios-sd15-swift", "sd15-tiny")]
+COMPONENTS = ["text_encoder", "unet", "decoder"]
+PACKAGES = {"text_encoder": "TextEncoder", "unet": "Unet", "decoder": "VAEDecoder"}
+# 6-bit palettes on random tiny weights measure 40-48 dB (UNet / text encoder), fp16 decoders
+# ~68 dB typed; a wrong kernel (layout, padding, eps, LUT order) gives < 20 dB.
+MIN_PSNR = {"text_encoder": 38.0, "unet": 35.0, "decoder": 38.0}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _run(folder, component, mode, record=False):
+    model = MilModel(folder / f"{PACKAGES[component]}.mlpackage", mode=mode)
+    ins, outs = reference_call(folder, component)
+    result = model.predict(package_inputs(model, ins), record=record)
+    got = result[0] if record else result
+    name = next(iter(outs))
+    value = psnr(got[name], match_output(got[name], outs[name]))
+    return (value, model, result) if record else value
+
+
+@pytest.mark.parametrize("recipe,spec", SHIPPED, ids=[r for r, _ in SHIPPED])
+def test_shipped_recipe_packages_match_eager_fp32(recipe, spec):
+    folder = export(recipe, spec)
+    for component in COMPONENTS:
+        typed = _run(folder, component, "typed")
+        wide = _run(folder, component, "fp32")
+        print(f"{recipe} {component}: typed {typed:.1f} dB, fp32 {wide:.1f} dB")
+        assert typed >= MIN_PSNR[component], (recipe, component, typed)
+        assert wide >= MIN_PSNR[component], (recipe, component, wide)
+        assert wide >= typed - 0.5, (recipe, component, typed, wide)   # fp16 only loses
+
+
+def test_fp32_export_matches_eager_to_conversion_error():
+    """No fp16, no palette: only the conversion (and this interpreter) can differ from eager.
+    Measured 134-140 dB (summation order); gelu's tanh approximation instead of erf would give
+    ~105 dB on the UNet, a wrong layer_norm epsilon ~60 dB."""
+    folder = export("test-ios-fp32")
+    for component in COMPONENTS:
+        for mode in ("typed", "fp32"):
+            value = _run(folder, component, mode)
+            print(f"fp32 export {component} {mode}: {value:.1f} dB")
+            assert value > 115.0, (component, mode, value)
+
+
+def _lut_blob(package, weight_name):
+    """(weight file, LUT data offset, LUT values) of a palettized weight's constexpr op."""
+    import coremltools as ct
+
+    spec = ct.models.MLModel(str(package), skip_model_load=True).get_spec()
+    ops = next(iter(spec.mlProgram.functions["main"].block_specializations.values())).operations
+    lut_op = next(op for op in ops if op.type == "constexpr_lut_to_dense"
+                  and op.outputs[0].name == weight_name)
+    blob = lut_op.inputs["lut"].arguments[0].value.blobFileValue
+    wfile = package / "Data" / "com.apple.CoreML" / "weights" / blob.fileName.split("/")[-1]
+    with open(wfile, "rb") as fh:
+        fh.seek(blob.offset)
+        _, _, nbytes, data_offset = struct.unpack("<IIQQ", fh.read(24))
+        fh.seek(data_offset)
+        lut = np.frombuffer(fh.read(nbytes), np.float16).copy()
+    return wfile, data_offset, lut
+
+
+def test_corrupted_palette_lowers_psnr_and_is_located(tmp_path):
+    folder = export("ios-snapfusion-fast")
+    weight = "p_unet_down_blocks_1_resnets_0_conv1_weight_to_fp16_palettized"
+    bad = tmp_path / "Unet.mlpackage"
+    shutil.copytree(folder / "Unet.mlpackage", bad)
+    for extra in ("manifest.json", "reference_io.safetensors"):
+        shutil.copy(folder / extra, tmp_path / extra)
+    wfile, offset, lut = _lut_blob(bad, weight)
+    # the most used palette entry gets a wrong value (like a LUT written in the wrong order)
+    lut_op = next(op for op in load_package(folder / "Unet.mlpackage").function.operations
+                  if op.op_type == "constexpr_lut_to_dense" and op.outputs[0].name == weight)
+    entry = int(np.bincount(lut_op.indices.val.reshape(-1).astype(np.int64)).argmax())
+    corrupt = lut.copy()
+    corrupt[entry] = np.float16(-4.0 * float(np.abs(lut).max()))
+    with open(wfile, "r+b") as fh:
+        fh.seek(offset + 2 * entry)
+        fh.write(corrupt[entry:entry + 1].tobytes())
+
+    good_psnr, good_model, (_, good_rec) = _run(folder, "unet", "typed", record=True)
+    bad_psnr, bad_model, (_, bad_rec) = _run(tmp_path, "unet", "typed", record=True)
+    print(f"palette corruption: UNet {good_psnr:.1f} dB -> {bad_psnr:.1f} dB")
+    assert bad_psnr < good_psnr - 10.0, (good_psnr, bad_psnr)
+    found = first_divergence(bad_rec, good_rec, bad_model.ops(), min_psnr_db=60.0)
+    assert found is not None
+    info, var = found
+    assert info.op_type == "conv" and weight in info.weights, info
+    assert "down_blocks_1_resnets_0_conv1" in info.hint
+    print(f"first divergence: {info.name} ({info.op_type}, {info.hint})")
+    # everything before it is bit-identical
+    for earlier in bad_model.ops()[:bad_model.ops().index(info)]:
+        for name in earlier.outputs:
+            assert torch.equal(bad_rec[name], good_rec[name]), name
+
+
+class Attention(torch.nn.Module):
+    """Scores q.k reach ~1e5 for inputs scaled by 40: past fp16's 65504."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.q = torch.nn.Parameter(torch.randn(16, 16, generator=g))
+        self.k = torch.nn.Parameter(torch.randn(16, 16, generator=g))
+
+    def forward(self, x):
+        q, k = x @ self.q, x @ self.k
+        scores = q @ k.transpose(-1, -2)
+        return torch.softmax(scores, dim=-1) @ x
+
+
+def test_fp16_overflow_shows_in_typed_mode_only(tmp_path):
+    import coremltools as ct
+
+    module = Attention().eval()
+    x = torch.randn(1, 8, 16, generator=torch.Generator().manual_seed(1)) * 40
+    exported = torch.export.export(module, (x,)).run_decompositions({})
+    mlmodel = ct.convert(exported, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS17,
+                         compute_precision=ct.precision.FLOAT16,
+                         inputs=[ct.TensorType(name="x", shape=x.shape, dtype=np.float32)],
+                         outputs=[ct.TensorType(name="y", dtype=np.float32)])
+    path = tmp_path / "Attention.mlpackage"
+    mlmodel.save(str(path))
+    with torch.no_grad():
+        eager = module(x).numpy()
+    typed_model, wide_model = MilModel(path, mode="typed"), MilModel(path, mode="fp32")
+    typed, rec = typed_model.predict({"x": x.numpy()}, record=True)
+    wide = wide_model.predict({"x": x.numpy()})
+    assert psnr(wide["y"], eager) > 40.0
+    bad = typed["y"]
+    assert (not np.isfinite(bad).all()) or psnr(bad, eager) < 20.0
+    first_inf = next(info for info in typed_model.ops()
+                     if any(not torch.isfinite(rec[n]).all() for n in info.outputs))
+    assert first_inf.op_type in ("matmul", "einsum", "linear"), first_inf
+    # its inputs are finite: the overflow happens in that op
+    assert first_inf.inputs and all(torch.isfinite(rec[n]).all() for n in first_inf.inputs)
+
+
+def test_typed_mode_skipping_rounding_of_moves_is_exact():
+    """Data-movement ops on fp16 values skip the rounding: same bits as rounding every op."""
+    from mobile_sd.runtimes.coreml import run_prepared
+
+    folder = export("ios-snapfusion-fast")
+    model = MilModel(folder / "Unet.mlpackage", mode="typed")
+    ins = package_inputs(model, reference_call(folder, "unet")[0])
+    prep = model._prepared
+    skipped = [s for s in prep.steps if not s.rounds]
+    assert len(skipped) > 100
+    fast, fast_rec = run_prepared(prep, ins, record=True)
+    for step in skipped:
+        step.rounds = True
+    try:
+        full, full_rec = run_prepared(prep, ins, record=True)
+    finally:
+        for step in skipped:
+            step.rounds = False
+    assert fast_rec.keys() == full_rec.keys()
+    assert all(torch.equal(fast_rec[k], full_rec[k]) for k in fast_rec)
