@@ -111,6 +111,6 @@ def _open_file(path: Path, entry: FileEntry, manifest: Manifest, ins, outs,
         from mobile_sd.runtimes.ort import OnnxRunner
 
         return OnnxRunner(path, ins, outs, num_threads)
-    from mobile_sd.runtimes.coreml import CoreMLRunner
+    from mobile_sd.runtimes.coreml.runner import CoreMLRunner
 
     return CoreMLRunner(path, ins, outs)

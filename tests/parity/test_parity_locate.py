@@ -5,7 +5,6 @@ import json
 from collections import OrderedDict
 
 import numpy as np
-import pytest
 import torch
 
 from tests.helpers import parity_exports as pe

@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import parity_exports as pe
 from mobile_sd.errors import ParityError
 from mobile_sd.manifest import TensorEntry as IOSpec
 

@@ -12,7 +12,7 @@ from coremltools.converters.mil.mil import Builder as mb
 from mobile_sd.runtimes.coreml import REGISTRY, run_program
 from mobile_sd.runtimes.coreml.kernels_constexpr import unpack_bits
 
-from mil_cases import cases  # tests/runtimes is on sys.path (rootdir-less test folder)
+from tests.helpers.mil_cases import cases
 
 CASES = cases()
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mobile_sd.runtimes.coreml import MilModel, first_divergence, load_package, psnr
-from mil_exports import export, match_output, package_inputs, reference_call
+from tests.helpers.mil_exports import export, match_output, package_inputs, reference_call
 
 SHIPPED = [("ios-snapfusion-fast", "snapfusion-tiny"), ("ios-snapfusion-swift", "snapfusion-tiny"),
            ("ios-sd15-swift", "sd15-tiny")]

@@ -14,9 +14,11 @@ softmax / norm implementations; the GPU may accumulate in fp32; Core ML may also
 the CPU in fp32. Kernels here compute in fp32 and round only op outputs. Expect agreement with a
 device to within fp16 noise, not bit-exactness; always confirm on a device before shipping.
 
->>> from mobile_sd.runtimes.coreml import MilModel                     # doctest: +SKIP
->>> model = MilModel("out/Unet.mlpackage", mode="typed")                # doctest: +SKIP
->>> model.predict({"sample": x, "timestep": t, "encoder_hidden_states": h})["noise_pred"]  # doctest: +SKIP
+Example (not run by the tests: it needs real artifacts)::
+
+    from mobile_sd.runtimes.coreml import MilModel
+    model = MilModel("out/Unet.mlpackage", mode="typed")
+    model.predict({"sample": x, "timestep": t, "encoder_hidden_states": h})["noise_pred"]
 """
 from mobile_sd.runtimes.coreml.errors import MilRuntimeError, UnsupportedMilOpError
 from mobile_sd.runtimes.coreml.interpreter import (MODES, OpInfo, PreparedProgram, prepare,

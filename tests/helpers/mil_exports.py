@@ -65,7 +65,7 @@ def export(recipe: str, spec: str = "snapfusion-tiny") -> Path:
     recipe_file = work / f"{recipe}.yaml"
     recipe_file.write_text(text)
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "mobile_sd.cli", "export", "--recipe", str(recipe_file),
+    cmd = [sys.executable, "-m", "mobile_sd", "export", "--recipe", str(recipe_file),
            "--spec", spec, "--latent-size", "8", "--out", str(work / "out"), "--force"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
