@@ -130,9 +130,11 @@ def unet_component(unet: nn.Module, latent: int, channels: int, max_length: int,
 
 
 def decoder_component(decoder: nn.Module, latent: int, channels: int,
-                      interface: Interface) -> ExportComponent:
+                      interface: Interface, scale: int = 8) -> ExportComponent:
+    """The decoder: ``z`` [1,C,S,S] -> ``image`` [1,3,scale*S,scale*S] (``scale``: the VAE's
+    2^(blocks-1), as diffusers computes it)."""
     def from_call(call: Call):
         return ((call.inputs["z"],), (call.outputs["image"],))
     return ExportComponent("decoder", decoder, (TensorSpec("z", (1, channels, latent, latent)),),
-                           (TensorSpec("image", (1, 3, latent * 8, latent * 8)),),
+                           (TensorSpec("image", (1, 3, latent * scale, latent * scale)),),
                            interface, from_call)

@@ -95,7 +95,8 @@ def build_component(model, name: str, recipe: Recipe, passes: list[str]) -> Expo
                               spec.unet.cross_attention_dim, recipe.cfg, recipe.interface,
                               recipe.calibration.guidance or spec.scheduler.default_guidance)
     else:
-        comp = decoder_component(module, latent, chans, recipe.interface)
+        comp = decoder_component(module, latent, chans, recipe.interface,
+                                 spec.decoder.vae_scale_factor)
     comp.passes = tuple(passes)
     return comp
 
@@ -123,9 +124,14 @@ def _new_manifest(recipe: Recipe, model) -> Manifest:
     pipeline = {"steps": model.spec.scheduler.default_steps,
                 "guidance": model.spec.scheduler.default_guidance, "cfg": recipe.cfg,
                 "latent_size": recipe.latent_size, "scaling_factor": model.spec.decoder.scaling_factor,
+                "vae_scale_factor": model.spec.decoder.vae_scale_factor,
                 "scheduler": scheduler_config(model.spec.scheduler)}
-    return Manifest.new(recipe.to_dict(), model.source, model.spec.name, pipeline,
-                        recipe.format, recipe.backend)
+    manifest = Manifest.new(recipe.to_dict(), model.source, model.spec.name, pipeline,
+                            recipe.format, recipe.backend)
+    # What the weights were stored as (the fp32 reference upcasts fp16/bf16 files).
+    manifest.model.update(stored_dtype=model.stored_dtype,
+                          weights_variants={k: v for k, v in model.variants.items() if v})
+    return manifest
 
 
 def _export_one(exporter: Exporter, model, name: str, recipe: Recipe, out: Path, reference,
