@@ -165,7 +165,7 @@ def _context(manifest, artifact_dir: Path, pipe, tgt: Target, warmup: int,
             "target": str(tgt), "device": None, "host": machine_info(),
             "versions": tool_versions(), "git_sha": git_sha(),
             "export_git_sha": manifest.git_sha, "recipe": manifest.recipe,
-            "pipeline": pipe, "artifact_dir": str(artifact_dir.resolve()),
+            "pipeline": pipe, "artifact_dir": _shown(artifact_dir),
             "warmup": warmup, "iters": iters}
 
 
@@ -185,3 +185,13 @@ def _finish(results: list[dict], out_dir: Path, appended: bool = False):
 
         append_results(out_dir / "bench.jsonl", results)
     return results
+
+
+def _shown(path: Path) -> str:
+    """The artifact folder as reports show it: relative to the working folder when inside it,
+    so a committed report names no machine path."""
+    resolved = path.resolve()
+    try:
+        return str(resolved.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(resolved)

@@ -70,7 +70,7 @@ def write_report(report: dict, out_dir: str | Path) -> dict[str, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "parity.json", "markdown": out / "parity.md"}
-    report["files"].update({k: str(p) for k, p in paths.items()})
+    report["files"].update({k: shown(p) for k, p in paths.items()})
     validate_report(report)
     paths["json"].write_text(json.dumps(report, indent=2, default=_jsonable) + "\n")
     paths["markdown"].write_text(render_markdown(report))
@@ -175,3 +175,13 @@ def terminal_lines(report: dict) -> list[str]:
                  f"{s['failed']} failed, {s['skipped']} skipped); report: "
                  f"{report['files'].get('markdown', '-')}")
     return lines
+
+
+def shown(path: str | Path) -> str:
+    """A path as reports record it: relative to the working folder when inside it, so a
+    committed report names no machine path."""
+    resolved = Path(path).resolve()
+    try:
+        return str(resolved.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(resolved)

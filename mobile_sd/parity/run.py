@@ -138,6 +138,7 @@ def _select(manifest, wanted) -> list[str]:
 def _e2e(runners, entries, model, manifest, options, images, out: Path, report) -> dict:
     from mobile_sd.parity.check import Budget
     from mobile_sd.parity.e2e import image_grid, run_e2e
+    from mobile_sd.parity.report import shown
 
     if not options.e2e:
         return {"status": "skip", "reason": "disabled (--no-e2e)"}
@@ -157,5 +158,5 @@ def _e2e(runners, entries, model, manifest, options, images, out: Path, report) 
         return {"status": "fail", "gate_min_psnr_db": gate, "reason": str(exc)}
     label = f"{manifest.format}/{manifest.backend}"
     grid = image_grid(images, {label: result.pop("_images")}, out / "parity_grid.png")
-    report["files"]["grid"] = str(grid)
+    report["files"]["grid"] = shown(grid)
     return result

@@ -17,8 +17,8 @@ xnnpack_attention          unet, text_encoder, decoder  softmax scale folded int
 xnnpack_conv_split         unet, decoder                fp32 convs over > 640 input channels chunked
 ========================== ============================ ==============================================
 
-The ``xnnpack_*`` passes are written as modules (module-level ``preserves_numerics``,
-``applies_to`` and ``apply(module) -> count``); the registry wraps them in :class:`ModulePass`.
+The ``xnnpack_*`` passes are written as modules (module-level ``applies_to`` and
+``apply(module) -> count``); the registry wraps them in :class:`ModulePass`.
 
 Every pass rewrites in place and returns the root to continue with (``cfg_fold`` returns a
 wrapper). Typical lists (``apply_passes`` runs them in the order given):
@@ -94,12 +94,11 @@ def xnnpack_passes_for(component: Component, precision: str | None = None) -> li
 
 
 class ModulePass(SurgeryPass):
-    """A pass written as a module: ``preserves_numerics``, ``applies_to`` and
-    ``apply(module) -> count`` (in place) at module level."""
+    """A pass written as a module: ``applies_to`` and ``apply(module) -> count`` (in place)
+    at module level."""
 
     def __init__(self, name: str, module: types.ModuleType):
         self.name = name
-        self.preserves_numerics = bool(module.preserves_numerics)
         self.applies_to = frozenset(module.applies_to)
         self.precisions = tuple(getattr(module, "precisions", ()))
         self.__doc__ = module.__doc__

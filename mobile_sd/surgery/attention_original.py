@@ -144,7 +144,6 @@ class AttentionOriginalPass(SurgeryPass):
     """Plain matmul-softmax attention everywhere (see the module docstring)."""
 
     name = "attention_original"
-    preserves_numerics = True
     applies_to = frozenset(COMPONENTS)
 
     def apply(self, module: nn.Module) -> nn.Module:

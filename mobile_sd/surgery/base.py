@@ -36,7 +36,6 @@ class SurgeryPass(abc.ABC):
     """
 
     name: ClassVar[str]
-    preserves_numerics: ClassVar[bool]
     applies_to: ClassVar[frozenset[str]]
     # A wrapper changes the forward signature, so it must be the last pass of a list.
     returns_wrapper: ClassVar[bool] = False

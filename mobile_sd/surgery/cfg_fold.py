@@ -73,7 +73,6 @@ class CfgFoldPass(SurgeryPass):
     """Wrap a UNet in :class:`CfgFoldedUNet` (see the module docstring)."""
 
     name = "cfg_fold"
-    preserves_numerics = True
     applies_to = frozenset({"unet"})
     returns_wrapper = True
 

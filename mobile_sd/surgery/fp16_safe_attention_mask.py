@@ -44,7 +44,6 @@ class Fp16SafeAttentionMaskPass(SurgeryPass):
     """Finite attention-mask values for fp16 backends (see the module docstring)."""
 
     name = "fp16_safe_attention_mask"
-    preserves_numerics = True
     applies_to = frozenset({"text_encoder"})
 
     def __init__(self, mask_value: float = FP16_SAFE_MASK_VALUE):

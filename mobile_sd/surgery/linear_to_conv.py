@@ -335,7 +335,6 @@ class LinearToConvPass(SurgeryPass):
     """Transformer layers on ``(B, C, 1, S)`` with 1x1 convs (see the module docstring)."""
 
     name = PASS
-    preserves_numerics = True
     applies_to = frozenset(COMPONENTS)
 
     def apply(self, module: nn.Module) -> nn.Module:

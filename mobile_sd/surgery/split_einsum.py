@@ -98,7 +98,6 @@ class SplitEinsumAttentionPass(SurgeryPass):
     """v1: per-head einsum attention, no query chunking (see the module docstring)."""
 
     name = "split_einsum"
-    preserves_numerics = True
     applies_to = frozenset(COMPONENTS)
     chunk_size: int | None = None
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-preserves_numerics = True
 applies_to = ("unet", "text_encoder", "decoder")
 
 

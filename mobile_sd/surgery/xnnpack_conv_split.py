@@ -29,7 +29,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-preserves_numerics = True
 applies_to = ("unet", "decoder")
 precisions = ("fp32", "fp16", "int8_dynamic", "int4_weight")  # the ones that keep convs float
 MAX_IN_CHANNELS = 640

@@ -29,7 +29,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-preserves_numerics = True
 applies_to = ("unet", "decoder")
 
 

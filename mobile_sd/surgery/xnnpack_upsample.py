@@ -55,7 +55,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-preserves_numerics = True
 applies_to = ("unet", "decoder")
 
 # Per output phase a (pixel 2i + a): (its 2 input taps) x (3 conv taps). Phase 0 reads x[i-1]

@@ -215,6 +215,5 @@ def test_passes_on_tiny_unet_preserve_numerics_and_state_dict():
 
 def test_pass_flags():
     for p in PASSES:
-        assert p.preserves_numerics is True
         assert isinstance(p.applies_to, tuple) and p.applies_to
         assert p.__doc__ and "Before" in p.__doc__ and "After" in p.__doc__
