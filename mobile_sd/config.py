@@ -45,6 +45,27 @@ def read_text(path: Path, error: type[Exception]) -> str:
         raise error(f"{path}: cannot read ({one_line(exc.strerror or exc)})") from None
 
 
+def read_json_object(path: Path, error: type[Exception], label: str | None = None) -> dict:
+    """The JSON object in ``path`` (UTF-8); any other content raises ``error`` on one line,
+    naming ``label`` (default: the path)."""
+    import json
+
+    label = label or str(path)
+    try:
+        text = read_text(path, error)
+    except error as exc:
+        raise error(str(exc).replace(str(path), label, 1)) from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise error(f"{label}: invalid JSON ({one_line(exc)})") from None
+    except RecursionError:
+        raise error(f"{label}: invalid JSON (nested too deeply)") from None
+    if not isinstance(data, dict):
+        raise error(f"{label}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 def _yaml_problem(exc: yaml.YAMLError) -> str:
     if isinstance(exc, yaml.MarkedYAMLError):
         mark = exc.problem_mark or exc.context_mark

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from mobile_sd import __version__
-from mobile_sd.config import from_dict, one_line, read_text, to_dict
+from mobile_sd.config import from_dict, one_line, read_json_object, to_dict
 from mobile_sd.errors import ModelFolderError, SpecError
 from mobile_sd.models.decoder import (ImageDecoder, autoencoder_config, build_autoencoder,
                                       decoder_spec_from_autoencoder)
@@ -128,16 +128,7 @@ def _read_json(path: Path) -> dict:
     """A component's JSON config, which must be a JSON object; one-line errors naming it."""
     if not path.is_file():
         raise ModelFolderError(f"{path}: missing; the component folder must hold its config")
-    text = read_text(path, ModelFolderError)
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ModelFolderError(f"{path}: invalid JSON ({one_line(exc)})") from None
-    except RecursionError:
-        raise ModelFolderError(f"{path}: invalid JSON (nested too deeply)") from None
-    if not isinstance(data, dict):
-        raise ModelFolderError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+    return read_json_object(path, ModelFolderError)
 
 
 def _component_dir(root: Path, name: str) -> Path:

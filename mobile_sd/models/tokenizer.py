@@ -280,7 +280,7 @@ def load_tokenizer(folder: str | os.PathLike) -> "CLIPTokenizer":
 
 def _check_tokenizer_files(folder: Path) -> None:
     """UTF-8 text, and JSON objects where JSON is expected: one-line errors naming the file."""
-    from mobile_sd.config import one_line, read_text
+    from mobile_sd.config import read_json_object, read_text
 
     def fail(problem: str):
         return ModelFolderError(f"cannot load the CLIP tokenizer from {folder}: {problem}")
@@ -290,18 +290,12 @@ def _check_tokenizer_files(folder: Path) -> None:
         if not path.is_file():
             continue
         try:
-            text = read_text(path, ModelFolderError)
+            if name.endswith(".json"):
+                read_json_object(path, ModelFolderError, name)
+            else:
+                read_text(path, ModelFolderError)
         except ModelFolderError as exc:
             raise fail(str(exc).replace(str(path), name, 1)) from None
-        if name.endswith(".json"):
-            try:
-                data = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise fail(f"{name}: invalid JSON ({one_line(exc)})") from None
-            except RecursionError:
-                raise fail(f"{name}: invalid JSON (nested too deeply)") from None
-            if not isinstance(data, dict):
-                raise fail(f"{name}: expected a JSON object, got {type(data).__name__}")
 
 
 def default_tokenizer(max_length: int = MAX_LENGTH) -> "CLIPTokenizer":

@@ -5,7 +5,6 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 
 import coremltools as ct
 from coremltools.converters.mil.mil import Builder as mb
@@ -15,14 +14,6 @@ from mobile_sd.runtimes.coreml import (MilModel, MilRuntimeError, UnsupportedMil
                                        run_program)
 
 W = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

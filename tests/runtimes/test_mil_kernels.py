@@ -17,14 +17,6 @@ from tests.helpers.mil_cases import cases
 CASES = cases()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _program(build, opset):
     holder = {}
 

@@ -21,14 +21,6 @@ PACKAGES = {"text_encoder": "TextEncoder", "unet": "Unet", "decoder": "VAEDecode
 MIN_PSNR = {"text_encoder": 38.0, "unet": 35.0, "decoder": 38.0}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _run(folder, component, mode, record=False):
     model = MilModel(folder / f"{PACKAGES[component]}.mlpackage", mode=mode)
     ins, outs = reference_call(folder, component)

@@ -70,7 +70,7 @@ def _convert_and_compress(comp, settings, recipe, reference, out_dir: Path, entr
         plan, entry["mixed_bit"] = plan_mixed_bit(comp, config, recipe.options.mixed_bit, reference,
                                                   out_dir)
     mlmodel = convert_component(comp, recipe.target, settings.precision, report)
-    comp.module = None  # the eager weights are not needed past conversion (see export_cmd)
+    comp.module = None  # the eager weights are not needed past conversion (see export/engine.py)
     gc.collect()
     if plan is not None:
         from mobile_sd.export.coreml.mixed_bit import apply_plan
