@@ -175,9 +175,13 @@ def main() -> int:
     write_results("layout_move", rows, columns,
                   "The layout move: same full-size exports before and after", [
                       f"before = {args.before}, after = {args.after}; full-size snapfusion, "
-                      "seeded random weights; one export at a time, before and after "
-                      "interleaved; CPU seconds (user + system) are the stable measure on a "
-                      "shared machine, wall time moves with the load.",
+                      "seeded random weights; one export at a time"
+                      + (" (runs reused from --work: all 'before' runs, then all 'after' runs)"
+                         if args.reuse else ", before and after interleaved")
+                      + "; CPU seconds (user + system) are the stable measure on a shared "
+                      "machine, wall time moves with the load of other jobs.",
+                      "ETRecords (.etrecord) differ from run to run of the same commit too (zip "
+                      "timestamps, graph ids): not a layout effect.",
                       "Volatile manifest fields left out of the comparison: "
                       + ", ".join(sorted(VOLATILE)) + ".",
                       "A Core ML package never has the same bytes twice (coremltools writes a "
