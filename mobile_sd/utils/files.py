@@ -107,8 +107,9 @@ def make_parents(folder: Path) -> list[Path]:
     for candidate in [folder, *folder.parents]:
         if candidate.exists() or candidate.is_symlink():
             if not candidate.is_dir():
-                raise OutputDirError(f"{candidate} is a file, not a folder; choose an --out "
-                                     "whose parent is a folder")
+                raise OutputDirError(f"cannot create output folder {folder}: {candidate} is a "
+                                     "file, not a folder; choose an --out whose parent is a "
+                                     "folder")
             break
         missing.append(candidate)
     for candidate in reversed(missing):
