@@ -22,17 +22,17 @@ import shutil
 import signal
 import tempfile
 import threading
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from mobile_sd.errors import OutputDirError
 
 #: kind -> (marker file, key, what it is). The manifest schema is ``mobile-sd/manifest/v1``.
 MARKERS = {
-    "export": ("manifest.json", "schema", "an export folder (manifest.json with schema "
-               "mobile-sd/manifest/...)"),
-    "model": ("model_index.json", "_mobile_sd", "a model folder written by `mobile-sd init` "
-              "(model_index.json with a _mobile_sd block)"),
+    "export": ("manifest.json", "schema", ("an export folder (manifest.json with schema "
+                                           "mobile-sd/manifest/...)")),
+    "model": ("model_index.json", "_mobile_sd", ("a model folder written by `mobile-sd init` "
+                                                 "(model_index.json with a _mobile_sd block)")),
 }
 
 

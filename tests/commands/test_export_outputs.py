@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.commands.test_hostile_cli import snapshot
-from tests.helpers.paths import REPO, RECIPES
+from tests.helpers.paths import RECIPES, REPO
 
 RECIPE_FILES = {"onnx": "onnx-snapfusion.yaml", "executorch": "android-snapfusion-xnnpack-fp32.yaml"}
 
