@@ -110,6 +110,12 @@ def _bad_component_manifest(env: Env) -> Path:
     return folder
 
 
+def _model_folder_ok(env: Env) -> None:
+    index = json.loads((env.tmp / "proj" / "model" / "model_index.json").read_text())
+    assert index["_mobile_sd"]["spec"] == "snapfusion-tiny"
+    assert sorted(p.name for p in (env.tmp / "proj").iterdir()) == ["model"]   # no leftovers
+
+
 def _png_replaced(env: Env) -> None:
     from PIL import Image
 
@@ -200,7 +206,17 @@ CASES = [
                                   ("1000000", "--steps must be an integer in 1..1000"))],
     Case("generate-variant-with-spec", lambda e: [*GEN, "--variant", "fp16", "--out", e.tmp / "a.png"],
          2, "--variant selects weight files of a --model folder"),
+    Case("generate-variant-not-in-folder",
+         lambda e: ["generate", "--model", e.model(), "--variant", "fp16", "--prompt", "x",
+                    "--quiet", "--out", e.tmp / "a.png"],
+         2, "variant 'fp16' was requested"),
+    Case("generate-variant-bad-name",
+         lambda e: ["generate", "--model", e.model(), "--variant", "../x", "--prompt", "x",
+                    "--quiet", "--out", e.tmp / "a.png"],
+         2, "variant '../x': expected a name like 'fp16'"),
     # Positive controls: what is ours is replaced (so the refusals above are not blanket ones).
+    Case("init-force-replaces-its-own-folder",
+         lambda e: ["init", *TINY, "--out", e.model(), "--force"], 0, "", _model_folder_ok),
     Case("generate-replaces-its-png", lambda e: [*GEN, "--out", e.user_file("old.png", b"\x89PNG\r\n\x1a\nold")],
          0, "", _png_replaced),
     # parity / bench
