@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
+import threading
 from pathlib import Path
 
 DEFAULT_SPEC = "snapfusion"
@@ -37,3 +40,21 @@ def load_model_arg(args: argparse.Namespace, with_tokenizer: bool = True):
 def model_folder_arg(args: argparse.Namespace) -> Path | None:
     """The ``--model`` folder (outputs must stay out of it), None with ``--spec``."""
     return getattr(args, "model", None)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Treat SIGTERM (``kill``, CI timeouts, ``make`` being stopped) like Ctrl-C while the
+    command writes, so its temp files are removed too; the previous handler is restored after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import signal
-import threading
 import time
 from pathlib import Path
 
-from mobile_sd.commands.common import add_model_args, load_model_arg, model_folder_arg
+from mobile_sd.commands.common import (add_model_args, load_model_arg, model_folder_arg,
+                                      sigterm_as_interrupt)
 
 
 def _recipe_from_args(args: argparse.Namespace):
@@ -48,7 +46,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     model = load_model_arg(args)
     try:
-        with _sigterm_as_interrupt():
+        with sigterm_as_interrupt():
             manifest = run_export(recipe, model, args.out, overwrite=args.force)
     except KeyboardInterrupt:
         # atomic_output_dir already removed the temp folder; say so with exit code 2.
@@ -62,24 +60,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(f"wrote {args.out} in {time.perf_counter() - start:.0f} s, peak RSS "
           f"{peak_rss_mb() / 1024:.1f} GB (model: {model.source})")
     return 0
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """Treat SIGTERM (``kill``, CI timeouts, ``make`` being stopped) like Ctrl-C while the
-    export runs, so the temp folder is removed too; the previous handler is restored after."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def register(sub) -> None:

@@ -16,7 +16,8 @@ import json
 import struct
 from pathlib import Path
 
-from mobile_sd.commands.common import add_model_args, load_model_arg, model_folder_arg
+from mobile_sd.commands.common import (add_model_args, load_model_arg, model_folder_arg,
+                                      sigterm_as_interrupt)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -93,7 +94,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     recorder = Recorder() if args.record else None
     try:
         with staged(outputs, overwrite=True, prefix=f".{args.out.name}.tmp-") as staging, \
-                contextlib.ExitStack() as locks:
+                contextlib.ExitStack() as locks, sigterm_as_interrupt():
             for path in outputs.values():
                 locks.enter_context(output_lock(path))
             result = generate(model, args.prompt, args.negative_prompt, args.steps,
