@@ -56,7 +56,12 @@ def check_outputs(args: argparse.Namespace) -> dict[str, Path]:
         flag = "--out" if key == "png" else "--record"
         refuse_overlap(path, model_folder_arg(args))
         is_ours, what = kinds[key]
-        if path.is_symlink() or (path.exists() and path.is_file() and not is_ours(path)):
+        # a device (/dev/null), fifo or symlink is never ours: os.replace would swap it away
+        foreign = path.exists() and not path.is_dir() and not (path.is_file() and is_ours(path))
+        if path.is_symlink():
+            raise OutputDirError(f"{flag} {path} is a symbolic link; refusing to replace it: "
+                                 f"pass the real file or choose another {flag}")
+        if foreign:
             raise OutputDirError(f"{flag} {path} exists and is not {what}; generate replaces "
                                  f"only {what}: choose another {flag}")
     return outputs
