@@ -97,6 +97,9 @@ class FileEntry:
     backend: str | None = None
     inputs: tuple[TensorEntry, ...] | None = None    # a chunk's own I/O
     outputs: tuple[TensorEntry, ...] | None = None
+    #: Why two exports of the same inputs can give different bytes for this file (written as
+    #: ``"reproducible": false`` + this reason); None: the file is byte-for-byte reproducible.
+    not_reproducible: str | None = None
 
     @classmethod
     def of(cls, root: Path, path: Path, role: str | None = None, backend: str | None = None,
@@ -123,8 +126,12 @@ class FileEntry:
               f"{where}.bytes", "a byte count", size)
         io = {k: _tensors(data[k], f"{where}.{k}") if k in data else None
               for k in ("inputs", "outputs")}
+        reproducible = data.get("reproducible", True)
+        _need(isinstance(reproducible, bool), f"{where}.reproducible", "true or false",
+              reproducible)
+        reason = None if reproducible else str(data.get("reproducible_reason") or "unknown")
         return cls(path, str(fmt).lower(), size, data["sha256"], data.get("role"),
-                   data.get("backend"), **io)
+                   data.get("backend"), **io, not_reproducible=reason)
 
     @property
     def runnable(self) -> bool:
@@ -139,6 +146,8 @@ class FileEntry:
         for key in ("inputs", "outputs"):
             if getattr(self, key) is not None:
                 out[key] = [t.to_dict() for t in getattr(self, key)]
+        if self.not_reproducible is not None:
+            out.update(reproducible=False, reproducible_reason=self.not_reproducible)
         return out
 
 

@@ -15,6 +15,7 @@ def normalize_target(target: str) -> str:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from mobile_sd.bench import run_bench
+    from mobile_sd.errors import BackendUnavailableError
     from mobile_sd.report.bench_report import render_report
 
     out = args.out or Path(args.artifact_dir) / "bench"
@@ -31,7 +32,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(line)
     print(f"results appended to {out / 'bench.jsonl'}; report {out / 'bench.md'}")
     failed = [r for r in results if r.get("status") == "error" or r.get("partial")]
-    return 2 if failed else 0
+    if failed:
+        return 2
+    if not any(r.get("status") == "ok" for r in results) and not args.allow_skipped:
+        reasons = sorted({str(r.get("reason", "")) for r in results})
+        raise BackendUnavailableError(
+            f"nothing was measured on --target {args.target}: all {len(results)} runs skipped "
+            f"({reasons[0].splitlines()[0] if reasons and reasons[0] else 'no runnable file'}); pass --allow-skipped to accept")
+    return 0
 
 
 def register(sub) -> None:
@@ -46,4 +54,6 @@ def register(sub) -> None:
                    help="Android: path to an executor_runner built for the device (docs/android_runner.md)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per artifact run")
     p.add_argument("--no-profile", action="store_true", help="skip the per-op ETDump pass")
+    p.add_argument("--allow-skipped", action="store_true",
+                   help="exit 0 even when nothing could be measured (every run skipped)")
     p.set_defaults(func=cmd_bench)

@@ -11,10 +11,18 @@ import sys
 from mobile_sd.errors import MobileSDError
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's errors (``--steps nan``, a missing option) as one line, exit code 2, like
+    every other user error; argparse would print the whole usage first."""
+
+    def error(self, message: str):
+        self.exit(2, f"mobile-sd: error: {self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from mobile_sd.commands import bench, export, generate, models, parity
 
-    parser = argparse.ArgumentParser(prog="mobile-sd", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="mobile-sd", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for command in (models, generate, export, parity, bench):
         command.register(sub)
@@ -38,7 +46,10 @@ def _quiet_third_party_logs() -> None:
 def main(argv: list[str] | None = None) -> int:
     _quiet_third_party_logs()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2, one line already printed)
+        return exc.code if isinstance(exc.code, int) else 2
     try:
         return args.func(args)
     except MobileSDError as exc:

@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import signal
-import threading
 import time
 from pathlib import Path
 
-from mobile_sd.commands.common import add_model_args, load_model_arg
+from mobile_sd.commands.common import (add_model_args, load_model_arg, model_folder_arg,
+                                      sigterm_as_interrupt)
 
 
 def _recipe_from_args(args: argparse.Namespace):
@@ -20,6 +18,9 @@ def _recipe_from_args(args: argparse.Namespace):
 
     recipe = load_recipe(args.recipe)
     if args.latent_size is not None:
+        from mobile_sd.pipeline.reference import validate_latent_size
+
+        validate_latent_size(args.latent_size)
         try:
             recipe = dataclasses.replace(recipe, latent_size=args.latent_size)
         except ValueError as exc:  # Recipe.__post_init__ validation
@@ -37,12 +38,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     from mobile_sd.errors import ExportInterruptedError
     from mobile_sd.export.engine import run_export
     from mobile_sd.utils.env import peak_rss_mb
+    from mobile_sd.utils.files import check_replaceable, refuse_overlap
 
+    refuse_overlap(args.out, model_folder_arg(args))  # before anything is loaded or written
+    check_replaceable(args.out, args.force, "export")
     recipe = _recipe_from_args(args)
     start = time.perf_counter()
     model = load_model_arg(args)
     try:
-        with _sigterm_as_interrupt():
+        with sigterm_as_interrupt():
             manifest = run_export(recipe, model, args.out, overwrite=args.force)
     except KeyboardInterrupt:
         # atomic_output_dir already removed the temp folder; say so with exit code 2.
@@ -58,24 +62,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-@contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """Treat SIGTERM (``kill``, CI timeouts, ``make`` being stopped) like Ctrl-C while the
-    export runs, so the temp folder is removed too; the previous handler is restored after."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def register(sub) -> None:
     p = sub.add_parser("export", help="export components per a recipe (Core ML, ExecuTorch, ONNX)")
     p.add_argument("--recipe", type=Path, required=True, help="export_recipes/*.yaml")
@@ -84,5 +70,7 @@ def register(sub) -> None:
     p.add_argument("--latent-size", type=int, default=None, help="override the recipe's latent size")
     p.add_argument("--components", nargs="+", default=None,
                    help="export only these components (text_encoder unet decoder)")
-    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing --out written by `mobile-sd export` (its "
+                   "manifest.json); anything else is refused, never deleted")
     p.set_defaults(func=cmd_export, seed_weights=None)

@@ -19,7 +19,9 @@ def cmd_specs(args: argparse.Namespace) -> int:
 def cmd_init(args: argparse.Namespace) -> int:
     from mobile_sd.models.folder import write_model_folder
     from mobile_sd.models.zoo import build_model
+    from mobile_sd.utils.files import check_replaceable
 
+    check_replaceable(args.out, args.force, "model")  # before the weights are built
     model = build_model(args.spec, seed=args.seed_weights)
     write_model_folder(model, args.out, overwrite=args.force)
     print(f"wrote {args.out} ({model.source}). Random weights make noise images; "
@@ -35,5 +37,7 @@ def register(sub) -> None:
     p.add_argument("--spec", default=DEFAULT_SPEC, help="spec name or path to a spec .yaml")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--seed-weights", type=int, default=None, help="weight seed (default: the spec's)")
-    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing --out written by `mobile-sd init` (its "
+                   "model_index.json); anything else is refused, never deleted")
     p.set_defaults(func=cmd_init)

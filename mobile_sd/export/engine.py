@@ -158,7 +158,7 @@ def run_export(recipe: Recipe, model, out: Path, overwrite: bool = False) -> Man
     names = recipe.exported_components()
     needs_calibration = any(recipe.component(n).precision == "int8" for n in names)
     manifest = _new_manifest(recipe, model)
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+    with atomic_output_dir(out, overwrite=overwrite, kind="export") as tmp:
         bar = tqdm(total=len(names) + 1, desc="export", unit="component")
         bar.set_postfix_str("reference pipeline run")
         reference = record_reference(model, recipe, full=needs_calibration)

@@ -65,7 +65,7 @@ def write_model_folder(model: Model, out: str | Path, overwrite: bool = False) -
     from mobile_sd.models.tokenizer import write_tokenizer_folder
 
     spec = model.spec
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+    with atomic_output_dir(out, overwrite=overwrite, kind="model") as tmp:
         _write_unet(model.unet, tmp / "unet")
         cfg = clip_config(spec.text_encoder).to_dict()
         cfg["architectures"] = ["CLIPTextModel"]

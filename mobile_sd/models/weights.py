@@ -265,5 +265,8 @@ def save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
     """Write a state dict as safetensors (contiguous copies; no pickles)."""
     from safetensors.torch import save_file
 
+    from mobile_sd.utils.files import default_file_mode
+
     save_file({k: v.detach().contiguous() for k, v in state.items()}, str(path),
               metadata={"format": "pt"})
+    Path(path).chmod(default_file_mode())  # safetensors writes via a 0600 temp file

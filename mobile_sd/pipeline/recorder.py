@@ -61,6 +61,8 @@ class Recorder:
     def save(self, path: str | Path) -> Path:
         from safetensors.torch import save_file
 
+        from mobile_sd.utils.files import default_file_mode
+
         tensors, index = {}, []
         for i, call in enumerate(self._calls):
             for kind, group in (("in", call.inputs), ("out", call.outputs)):
@@ -72,6 +74,7 @@ class Recorder:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         save_file(tensors, str(tmp), metadata={"mobile_sd_calls": json.dumps(index)})
+        tmp.chmod(default_file_mode())  # safetensors writes via a 0600 temp file
         tmp.replace(path)
         return path
 

@@ -60,14 +60,46 @@ def make_scheduler(spec: SchedulerSpec):
     return DDIMScheduler(**config)
 
 
+#: Classifier-free guidance beyond this only saturates the image (useful values are ~1..15);
+#: 1e308 overflows the latents to inf and decodes to an all-black PNG.
+MAX_GUIDANCE = 100.0
+#: Latent side bound: 256 latent = 2048 px with the usual VAE factor 8, 4x what SD-1.x /
+#: SnapFusion are trained for (64 = 512 px). Larger needs tens of GB (the UNet's attention is
+#: quadratic in the latent area) and would be killed by the OOM killer instead of refused.
+MAX_LATENT_SIZE = 256
+SEED_LIMIT = 2**64   # torch.Generator seeds are 64-bit
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def validate_generation_args(steps: int, guidance: float, spec: SchedulerSpec) -> None:
     """Reject invalid values with a message saying what is allowed."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= spec.num_train_timesteps:
+    if not _is_int(steps) or not 1 <= steps <= spec.num_train_timesteps:
         raise InvalidArgumentError(f"--steps must be an integer in 1..{spec.num_train_timesteps}, "
                                    f"got {steps!r}")
-    if not isinstance(guidance, (int, float)) or not math.isfinite(guidance) or guidance < 0:
-        raise InvalidArgumentError(f"--guidance must be a finite number >= 0 (1 disables "
-                                   f"classifier-free guidance), got {guidance!r}")
+    if (not isinstance(guidance, (int, float)) or not math.isfinite(guidance)
+            or not 0 <= guidance <= MAX_GUIDANCE):
+        raise InvalidArgumentError(f"--guidance must be a finite number >= 0 and <= {MAX_GUIDANCE:g} "
+                                   f"(1 disables classifier-free guidance; useful values are "
+                                   f"~1..15), got {guidance!r}")
+
+
+def validate_seed(seed: int) -> None:
+    if not _is_int(seed) or not 0 <= seed < SEED_LIMIT:
+        raise InvalidArgumentError(f"--seed must be an integer in 0..2**64-1 (a 64-bit "
+                                   f"generator seed), got {seed!r:.40}")
+
+
+def validate_latent_size(size: int, multiple: int = 1) -> None:
+    """``size`` in ``multiple..MAX_LATENT_SIZE`` and divisible by ``multiple`` (the UNet's
+    downsampling; the export recipe checks its own multiple of 8)."""
+    if not _is_int(size) or size % multiple or not multiple <= size <= MAX_LATENT_SIZE:
+        step = "" if multiple == 1 else f"a multiple of {multiple} "
+        raise InvalidArgumentError(
+            f"--latent-size must be {step}in {multiple}..{MAX_LATENT_SIZE} (256 latent = 2048 "
+            f"px; larger would need tens of GB), got {size!r:.40}")
 
 
 def _encode(runners: Runners, tokenizer, prompt: str, recorder: Recorder | None, branch: str):
@@ -91,6 +123,8 @@ def run_pipeline(runners: Runners, tokenizer, scheduler_spec: SchedulerSpec, lat
     from tqdm.auto import tqdm
 
     validate_generation_args(steps, guidance, scheduler_spec)
+    validate_seed(seed)
+    validate_latent_size(latent_size)
     use_cfg = guidance > 1
     cond = _encode(runners, tokenizer, prompt, recorder, "cond")
     context = cond

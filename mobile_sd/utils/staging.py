@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Iterator
 
 from mobile_sd.errors import OutputDirError
+from mobile_sd.utils.files import deferred_signals, make_parents, remove_created
 
 
 class Staging:
@@ -27,29 +28,38 @@ class Staging:
     last, so its presence means every companion file is in place.
     """
 
-    def __init__(self, destinations: dict[str, Path], overwrite: bool) -> None:
+    def __init__(self, destinations: dict[str, Path], overwrite: bool,
+                 prefix: str = ".msd-export-") -> None:
         self.destinations = {key: Path(path).absolute() for key, path in destinations.items()}
         self.main = next(iter(self.destinations))
-        for path in self.destinations.values():
-            _check_destination(path, overwrite)
+        self.prefix = prefix
         self.tmp_dirs: dict[Path, Path] = {}
         self.moved: list[Path] = []
+        self.created: list[Path] = []   # parent folders we made: removed again on failure
+        try:
+            for path in self.destinations.values():
+                self.created += _check_destination(path, overwrite)
+        except BaseException:
+            remove_created(self.created)
+            raise
 
     def path(self, key: str) -> Path:
         """Where to write the file that ends up at ``destinations[key]``."""
         final = self.destinations[key]
         if final.parent not in self.tmp_dirs:
-            self.tmp_dirs[final.parent] = Path(tempfile.mkdtemp(prefix=".msd-export-",
+            self.tmp_dirs[final.parent] = Path(tempfile.mkdtemp(prefix=self.prefix,
                                                                 dir=final.parent))
         return self.tmp_dirs[final.parent] / final.name
 
     def commit(self) -> None:
         """Move written files into place, the main artifact last."""
-        keys = sorted((k for k in self.destinations if self.path(k).exists()),
+        keys = sorted((k for k in self.destinations
+                       if self.destinations[k].parent in self.tmp_dirs and self.path(k).exists()),
                       key=lambda k: k == self.main)
-        for key in keys:
-            os.replace(self.path(key), self.destinations[key])
-            self.moved.append(self.destinations[key])
+        with deferred_signals():  # an interrupt between renames would leave half the outputs
+            for key in keys:
+                os.replace(self.path(key), self.destinations[key])
+                self.moved.append(self.destinations[key])
 
     def cleanup(self, failed: bool) -> None:
         """Remove temp folders; after a failure also remove files already moved into place."""
@@ -58,25 +68,31 @@ class Staging:
                 path.unlink(missing_ok=True)
         for tmp in self.tmp_dirs.values():
             shutil.rmtree(tmp, ignore_errors=True)
+        if failed:
+            remove_created(self.created)
 
 
-def _check_destination(path: Path, overwrite: bool) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputDirError(f"cannot create output folder {path.parent}: {exc.strerror}; "
-                             "choose a writable output path") from exc
+def _check_destination(path: Path, overwrite: bool) -> list[Path]:
+    """Refuse an unwritable destination; return the parent folders created for it."""
+    if path.is_dir():
+        raise OutputDirError(f"{path} is a folder; name the file to write (e.g. {path}/out"
+                             f"{path.suffix or '.png'}) or choose another output path")
+    created = make_parents(path.parent)
     if not os.access(path.parent, os.W_OK | os.X_OK):
-        raise OutputDirError(f"output folder {path.parent} is not writable; choose another "
-                             "output path or fix its permissions")
+        remove_created(created)
+        raise OutputDirError(f"output folder {path.parent} is not writable (read-only file "
+                             "system or permissions); choose another output path")
     if path.exists() and not overwrite:
+        remove_created(created)
         raise OutputDirError(f"{path} already exists; pass overwrite=True to replace it")
+    return created
 
 
 @contextlib.contextmanager
-def staged(destinations: dict[str, Path], overwrite: bool = False) -> Iterator[Staging]:
+def staged(destinations: dict[str, Path], overwrite: bool = False,
+           prefix: str = ".msd-export-") -> Iterator[Staging]:
     """Context manager around :class:`Staging`: commit on success, clean up always."""
-    staging = Staging(destinations, overwrite)
+    staging = Staging(destinations, overwrite, prefix)
     failed = True
     try:
         yield staging

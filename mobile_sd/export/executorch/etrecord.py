@@ -17,6 +17,7 @@ and is refused, naming the tensors, for quantized ones (their weights are not mo
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import torch
@@ -108,10 +109,48 @@ def strip_weights(record) -> None:
 
 def save_etrecord(record, path: str | Path, mode: str) -> None:
     """Write ``record`` as ``mode`` (a record with weights, e.g. from ``generate_etrecord``, is
-    stripped for ``graph``; a :class:`LeanRecording` record has none to strip)."""
+    stripped for ``graph``; a :class:`LeanRecording` record has none to strip), byte for byte
+    the same for the same export (:func:`write_reproducible_zip`)."""
+    import io
+
     if mode == "graph":
         strip_weights(record)
-    record.save(str(path))
+    buffer = io.BytesIO()
+    record.save(buffer)
+    write_reproducible_zip(buffer, Path(path))
+
+
+#: ``graph_id`` keys in the serialized programs' node provenance (``from_node``), at any JSON
+#: escaping depth: their values are ``id(graph)``, a memory address that differs every run.
+_GRAPH_ID = re.compile(rb'(graph_id\\*"\s*:\s*)(\d+)')
+_BINARY_SUFFIXES = ("_state_dict", "_constants", "_example_inputs")   # torch.save payloads
+#: DOS dates start in 1980; any fixed stamp makes the zip independent of the wall clock.
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+
+
+def write_reproducible_zip(source, path: Path) -> None:
+    """Copy the ETRecord zip ``source`` to ``path`` with fixed entry timestamps and graph ids
+    renumbered 1, 2, ... in order of first appearance. The renumbering is one mapping for the
+    whole record, so every equality the Inspector relies on (a node's ``from_node`` graph id
+    against ``export_graph_id``) still holds."""
+    import zipfile
+
+    ids: dict[bytes, bytes] = {}
+
+    def number(raw: bytes) -> bytes:
+        return ids.setdefault(raw, str(len(ids) + 1).encode())
+
+    with zipfile.ZipFile(source) as src, zipfile.ZipFile(path, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename == "export_graph_id":
+                data = re.sub(rb"\d+", lambda m: number(m.group(0)), data)
+            elif not info.filename.endswith(_BINARY_SUFFIXES):
+                data = _GRAPH_ID.sub(lambda m: m.group(1) + number(m.group(2)), data)
+            entry = zipfile.ZipInfo(info.filename, date_time=_ZIP_EPOCH)
+            entry.compress_type = info.compress_type
+            entry.external_attr = 0o644 << 16
+            dst.writestr(entry, data)
 
 
 def restore_weights(program, module: nn.Module) -> None:

@@ -118,6 +118,8 @@ def test_interrupted_export_keeps_the_previous_output(tmp_path, cli, monkeypatch
     out = tmp_path / "out"
     out.mkdir()
     (out / "previous.txt").write_text("previous export")
+    # ours (--force replaces only a folder whose manifest.json has our schema)
+    (out / "manifest.json").write_text('{"schema": "mobile-sd/manifest/v1"}')
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -125,7 +127,7 @@ def test_interrupted_export_keeps_the_previous_output(tmp_path, cli, monkeypatch
     monkeypatch.setattr(coreml_flow, "_check_packages", interrupted)   # after saving
     code, _, err = export(cli, out, "--force")
     assert code == 2 and "export interrupted; nothing was written" in err
-    assert leftovers(tmp_path) == ["out"] and leftovers(out) == ["previous.txt"]
+    assert leftovers(tmp_path) == ["out"] and leftovers(out) == ["manifest.json", "previous.txt"]
 
 
 # Runs the real CLI in a child process that sends itself SIGTERM once the package is saved
