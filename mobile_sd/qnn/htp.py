@@ -39,7 +39,7 @@ EP_NAME = "QNNExecutionProvider"
 PIP_REQUIREMENT = "onnxruntime-qnn==2.7.0"
 PRECISIONS = ("fp16", "w8a16")
 _HOW = (f"pip install {PIP_REQUIREMENT} (ONNX Runtime's QNN EP plugin bundling QAIRT 2.51; "
-        f"Linux x86_64 or Windows wheels, needs onnxruntime>=1.24.2)")
+        f"wheel checked for Linux x86_64 (manylinux_2_35), needs onnxruntime>=1.24.2)")
 _FALLBACK_REFUSED = "fallback to CPU EP has been explicitly disabled"
 
 
