@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from mobile_sd.errors import CalibrationError, ExportError
-from mobile_sd.qnn.quantize import clamp_additive_masks, prepare_for_htp, quantize_w8a16
-from qnn_tiny_graphs import calibration, component, feeds
+from mobile_sd.export.qnn.quantize import clamp_additive_masks, prepare_for_htp, quantize_w8a16
+from tests.helpers.qnn_tiny_graphs import calibration, component, feeds
 
 
 def _cpu(model, inputs):
@@ -58,12 +58,12 @@ def test_gelu_fusion_keeps_numerics_and_runs_on_htp(tmp_path):
     x = {"x": np.linspace(-6, 6, 64, dtype=np.float32)[None]}
     np.testing.assert_allclose(_cpu(prepared, x), _cpu(model, x), rtol=0, atol=1e-6)
     pytest.importorskip("onnxruntime_qnn", reason="onnxruntime-qnn not installed")
-    from mobile_sd.qnn import htp
+    from mobile_sd.runtimes.qnn import htp
 
     onnx.save(model, str(tmp_path / "erf.onnx"))
     onnx.save(prepared, str(tmp_path / "gelu.onnx"))
     # in a float graph the QNN EP fuses the Erf-GELU chain itself (a lone Erf falls back, see
-    # test_qnn_htp.py); fusing before quantization keeps GELU one QDQ node unit
+    # tests/runtimes/qnn/test_htp.py); fusing before quantization keeps GELU one QDQ node unit
     assert htp.node_assignment(tmp_path / "erf.onnx").all_on_htp
     assert htp.node_assignment(tmp_path / "gelu.onnx").all_on_htp
 

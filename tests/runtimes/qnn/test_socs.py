@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from mobile_sd.errors import RecipeError
-from mobile_sd.qnn.socs import DEFAULT_SOC, SOCS, get_soc
+from mobile_sd.runtimes.qnn.socs import DEFAULT_SOC, SOCS, get_soc
 
 
 def test_table_ids():
@@ -26,8 +26,8 @@ def test_unknown_soc_lists_known():
 @pytest.mark.parametrize("soc", sorted(SOCS))
 def test_each_soc_runs_on_emulator(soc):
     pytest.importorskip("onnxruntime_qnn", reason="onnxruntime-qnn not installed")
-    from mobile_sd.qnn import htp
-    from qnn_tiny_graphs import component, feeds, psnr
+    from mobile_sd.runtimes.qnn import htp
+    from tests.helpers.qnn_tiny_graphs import component, feeds, psnr
 
     path, *_ = component("conv_gn_silu")
     inputs, ref = feeds("conv_gn_silu", 0)

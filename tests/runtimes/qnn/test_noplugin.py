@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from mobile_sd.errors import BackendUnavailableError
-from mobile_sd.qnn import htp
+from mobile_sd.runtimes.qnn import htp
 
 
 def test_missing_plugin_says_how_to_install(monkeypatch):

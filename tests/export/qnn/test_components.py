@@ -10,9 +10,9 @@ import pytest
 
 pytest.importorskip("onnxruntime_qnn", reason="onnxruntime-qnn not installed")
 
-from mobile_sd.qnn import htp  # noqa: E402
-from mobile_sd.qnn.socs import SOCS  # noqa: E402
-from qnn_tiny_graphs import component, feeds, psnr, w8a16, workdir  # noqa: E402
+from mobile_sd.runtimes.qnn import htp  # noqa: E402
+from mobile_sd.runtimes.qnn.socs import SOCS  # noqa: E402
+from tests.helpers.qnn_tiny_graphs import component, feeds, psnr, w8a16, workdir  # noqa: E402
 
 FP16_MIN_DB = 40.0
 W8A16_MIN_DB = {"unet": 28.0, "clip": 26.0, "vae_decoder": 45.0}

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 
 from mobile_sd.errors import InvalidArgumentError, OutputDirError, UnsupportedOpError
-from mobile_sd.qnn import htp
+from mobile_sd.runtimes.qnn import htp
 
 
 qnn = pytest.importorskip("onnxruntime_qnn", reason="onnxruntime-qnn not installed")
-from qnn_tiny_graphs import component, feeds, psnr, w8a16, workdir  # noqa: E402
+from tests.helpers.qnn_tiny_graphs import component, feeds, psnr, w8a16, workdir  # noqa: E402
 
 
 def test_qairt_info():

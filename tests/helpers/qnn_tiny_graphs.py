@@ -128,7 +128,7 @@ def calibration(name: str, n: int = 8) -> list[dict]:
 @functools.lru_cache(maxsize=None)
 def w8a16(name: str) -> Path:
     """The component's w8a16 QDQ model (quantized once per test session)."""
-    from mobile_sd.qnn.quantize import quantize_w8a16
+    from mobile_sd.export.qnn.quantize import quantize_w8a16
 
     path, *_ = component(name)
     out = _DIR / f"{name}_w8a16.onnx"

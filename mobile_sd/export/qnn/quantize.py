@@ -2,16 +2,16 @@
 
 Public API::
 
-    from mobile_sd.qnn.quantize import quantize_w8a16
+    from mobile_sd.export.qnn.quantize import quantize_w8a16
     info = quantize_w8a16("unet.onnx", "unet_w8a16.onnx", calibration=[{"sample": ..., ...}, ...])
-    # then mobile_sd.qnn.htp.compile_context("unet_w8a16.onnx", ..., precision="w8a16")
+    # then mobile_sd.runtimes.qnn.htp.compile_context("unet_w8a16.onnx", ..., precision="w8a16")
 
 Scheme: activations uint16 (asymmetric, MinMax calibration), weights uint8 per-tensor, biases
 int32; QNN's own type rules applied by ``get_qnn_qdq_config``. 16-bit Q/DQ in the ONNX domain
 needs opset >= 21 (export with ``torch.onnx.export(..., opset_version=21)``).
 
 Graph surgery before calibration (:func:`prepare_for_htp`; each step keeps fp32 numerics,
-tests/qnn/test_qnn_quantize.py checks it):
+tests/export/qnn/test_quantize.py checks it):
 
 - additive attention-mask constants holding ``-inf`` / ``finfo.min`` (CLIP's causal mask)
   are clamped to ``mask_floor`` (-100): ``exp(-100)`` is ~4e-44, so softmax is unchanged in

@@ -5,7 +5,7 @@ compile a context binary for a phone's NPU and run it (slowly) on this CPU.
 
 Public API::
 
-    from mobile_sd.qnn import htp
+    from mobile_sd.runtimes.qnn import htp
     htp.require_htp()                         # BackendUnavailableError if onnxruntime-qnn is missing
     sess = htp.create_session("unet.onnx", soc="SM8650", precision="fp16")   # every node on HTP
     ctx = htp.compile_context("unet.onnx", "out/unet_htp.onnx", soc="SM8650", precision="fp16")
@@ -15,7 +15,7 @@ Public API::
     htp.qairt_info()                                             # versions for manifests
 
 Precisions: ``fp16`` runs a float ONNX model with HTP fp16 math (``enable_htp_fp16_precision``);
-``w8a16`` runs a QDQ model made by :func:`mobile_sd.qnn.quantize.quantize_w8a16`.
+``w8a16`` runs a QDQ model made by :func:`mobile_sd.export.qnn.quantize.quantize_w8a16`.
 Sessions are strict by default: ``session.disable_cpu_ep_fallback=1`` makes ONNX Runtime refuse a
 graph with any node left for its CPU EP; the error then names those nodes (from
 :func:`node_assignment`).
@@ -154,7 +154,7 @@ def _check_precision(model: str | Path, precision: str) -> None:
     kind = _model_kind(model)
     if precision == "w8a16" and kind == "float":
         raise InvalidArgumentError(f"{model} is a float model: precision 'w8a16' needs a QDQ model "
-                                   f"(mobile_sd.qnn.quantize.quantize_w8a16), or use 'fp16'")
+                                   f"(mobile_sd.export.qnn.quantize.quantize_w8a16), or use 'fp16'")
     if precision == "fp16" and kind == "qdq":
         raise InvalidArgumentError(f"{model} is a QDQ (quantized) model: use precision 'w8a16'")
 
@@ -333,12 +333,14 @@ class ContextBinary:
     soc: Soc
     precision: str
     sdk_version: str | None = None
+    assignment: HtpAssignment | None = None    # where the compile session put the nodes
 
     def manifest(self) -> dict:
         return {"format": "qnn-context-binary (onnxruntime EPContext wrapper)",
                 "onnx": self.onnx_path.name, "bins": [p.name for p in self.bin_paths],
                 "precision": self.precision, **self.soc.manifest(),
-                "ep_sdk_version": self.sdk_version, **qairt_info()}
+                "ep_sdk_version": self.sdk_version, **qairt_info(),
+                **({"htp": self.assignment.as_dict()} if self.assignment else {})}
 
 
 def _context_sdk_version(wrapper: Path) -> str | None:
@@ -381,7 +383,8 @@ def compile_context(model: str | Path, out: str | Path, soc: str | Soc | None = 
             "ep.context_enable": "1", "ep.context_file_path": str(tmp / out.name),
             "ep.context_embed_mode": "1" if embed else "0"})
         sess = _session(model, so, s, precision, strict=True)
-        del sess
+        assignment = session_assignment(sess)
+        del sess                             # the EP writes the context when the session ends
         wrapper = tmp / out.name
         if not wrapper.is_file():
             raise ExportError(f"QNN EP wrote no context wrapper for {model} (expected {wrapper})")
@@ -395,7 +398,7 @@ def compile_context(model: str | Path, out: str | Path, soc: str | Soc | None = 
         raise OutputDirError(f"cannot write the context binary to {out.parent}: {exc}") from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return ContextBinary(out, moved, s, precision, _context_sdk_version(out))
+    return ContextBinary(out, moved, s, precision, _context_sdk_version(out), assignment)
 
 
 def compile_for_socs(model: str | Path, out_dir: str | Path, socs: Sequence[str | Soc],
