@@ -35,3 +35,10 @@ def test_each_soc_runs_on_emulator(soc):
     assert psnr(sess.run(None, inputs)[0], ref) >= 40
     report = htp.session_assignment(sess)
     assert report.all_on_htp and report.partitions == 1
+
+
+def test_recipe_soc_names_match_the_table():
+    """recipes.py (a lower layer) keeps the names only; this keeps both lists equal."""
+    from mobile_sd.recipes import QNN_SOCS, QnnOptions
+
+    assert set(QNN_SOCS) == set(SOCS) and QnnOptions().soc == DEFAULT_SOC
