@@ -59,6 +59,30 @@ def test_argv_names_soc_and_strict_session():
     assert argv[-4:] == ["-r", "10", "-I", "/w/unet.onnx"]
 
 
+def test_argv_plugin_ep():
+    argv = perf_test_argv("/w/onnxruntime_perf_test", "/w/unet.onnx", 3, 57, 75, "/w",
+                          plugin="/w/libonnxruntime_providers_qnn.so")
+    assert "-e" not in argv
+    assert argv[argv.index("--plugin_ep_libs") + 1] == (
+        "QNNExecutionProvider|/w/libonnxruntime_providers_qnn.so")
+    assert argv[argv.index("--plugin_eps") + 1] == "QNNExecutionProvider"
+    assert argv[argv.index("--plugin_ep_options") + 1].startswith("backend_type|htp ")
+
+
+def test_plugin_lib_beside_the_runner_is_used(fake_adb, qnn_folder, tmp_path):
+    from mobile_sd.bench import run_bench
+
+    set_rules, read_log = fake_adb
+    set_rules([{"match": "onnxruntime_perf_test --plugin_ep_libs", "remote_rc": 0,
+                "stdout_file": "ort_perf_test_qnn.stdout"}])
+    folder, runner = qnn_folder
+    (runner.parent / "libonnxruntime_providers_qnn.so").write_bytes(b"\x7fELF")
+    [result] = run_bench(folder, f"adb:{SERIAL}", 1, 10, tmp_path / "bench", runner)
+    assert result["status"] == "ok", result["reason"]
+    run = next(a for a in read_log() if "--plugin_eps" in " ".join(a))
+    assert f"QNNExecutionProvider|{WORK}/libonnxruntime_providers_qnn.so" in run[-1]
+
+
 def test_full_run_pushes_libs_and_context(fake_adb, qnn_folder, tmp_path):
     from mobile_sd.bench import run_bench
 

@@ -2,14 +2,17 @@
 path of ``format: qnn`` exports (EPContext wrapper ``.onnx`` + ``_qnn.bin``).
 
 ``--runner`` is the ``onnxruntime_perf_test`` of an onnxruntime Android build with the QNN EP
-(``--use_qnn``, see docs/qnn_htp.md); every ``*.so`` in its folder (``libonnxruntime.so``, the QNN
+(``--use_qnn``), or a stock one with the QNN EP plugin ``libonnxruntime_providers_qnn.so`` beside
+it (onnxruntime-qnn 2.x, the package that compiled the export; see docs/qnn_htp.md); every ``*.so`` in its folder (``libonnxruntime.so``, the QNN
 EP library when built shared, and QAIRT's ``libQnnHtp.so``, ``libQnnSystem.so``,
 ``libQnnHtpV<arch>Stub.so`` from ``lib/aarch64-android`` and ``libQnnHtpV<arch>Skel.so`` from
 ``lib/hexagon-v<arch>/unsigned``) is pushed beside it once per session. The binary runs with
 ``LD_LIBRARY_PATH`` and ``ADSP_LIBRARY_PATH`` (where the DSP loader finds the Skel) set to the
 work folder.
 
-Flags (``onnxruntime/test/perftest/command_args_parser.cc``): ``-e qnn``, ``-i "backend_path|
+Flags (``onnxruntime/test/perftest/command_args_parser.cc``): ``-e qnn``, or for the plugin
+``--plugin_ep_libs "QNNExecutionProvider|<lib>" --plugin_eps QNNExecutionProvider
+--plugin_ep_options "backend_type|htp ..."``; ``-i "backend_path|
 libQnnHtp.so htp_performance_mode|burst soc_model|57 htp_arch|75"`` (EP options), ``-C
 "session.disable_cpu_ep_fallback|1"`` (session config: every node on the HTP, as exported),
 ``-m times -r N`` (N timed runs), ``-I`` (generate the input bindings: random data of the
@@ -29,6 +32,7 @@ from mobile_sd.bench.runner import PROTOCOL
 
 REMOTE_NAME = "onnxruntime_perf_test"
 NEEDED_LIBS = ("libQnnHtp.so", "libQnnSystem.so")   # plus the arch's Stub + Skel (below)
+PLUGIN_LIB, PLUGIN_EP = "libonnxruntime_providers_qnn.so", "QNNExecutionProvider"
 
 _NUMBER = r"([-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)"
 _FIELDS = {"load_s": "Session creation time cost", "first_ms": "First inference time cost",
@@ -44,8 +48,10 @@ def arch_libs(htp_arch: int) -> tuple[str, ...]:
 
 
 def perf_test_argv(runner: str, model: str, iters: int, soc_model: int, htp_arch: int,
-                   workdir: str) -> list[str]:
-    """The remote command line.
+                   workdir: str, plugin: str | None = None) -> list[str]:
+    """The remote command line. ``plugin``: the QNN EP as a plugin library (the
+    ``libonnxruntime_providers_qnn.so`` of onnxruntime-qnn 2.x, as on this host) registered with
+    ``--plugin_ep_libs``; otherwise the QNN EP built into onnxruntime (``-e qnn``).
 
     >>> perf_test_argv("./onnxruntime_perf_test", "unet.onnx", 10, 57, 75, "/data/local/tmp/m")
     ... # doctest: +NORMALIZE_WHITESPACE
@@ -54,11 +60,15 @@ def perf_test_argv(runner: str, model: str, iters: int, soc_model: int, htp_arch
      'backend_path|libQnnHtp.so htp_performance_mode|burst soc_model|57 htp_arch|75',
      '-C', 'session.disable_cpu_ep_fallback|1', '-m', 'times', '-r', '10', '-I', 'unet.onnx']
     """
-    options = (f"backend_path|libQnnHtp.so htp_performance_mode|burst soc_model|{soc_model} "
-               f"htp_arch|{htp_arch}")
-    return ["env", f"LD_LIBRARY_PATH={workdir}", f"ADSP_LIBRARY_PATH={workdir}", runner,
-            "-e", "qnn", "-i", options, "-C", "session.disable_cpu_ep_fallback|1",
-            "-m", "times", "-r", str(iters), "-I", model]
+    common = f"htp_performance_mode|burst soc_model|{soc_model} htp_arch|{htp_arch}"
+    if plugin:
+        ep = ["--plugin_ep_libs", f"{PLUGIN_EP}|{plugin}", "--plugin_eps", PLUGIN_EP,
+              "--plugin_ep_options", f"backend_type|htp {common}"]
+    else:
+        ep = ["-e", "qnn", "-i", f"backend_path|libQnnHtp.so {common}"]
+    return ["env", f"LD_LIBRARY_PATH={workdir}", f"ADSP_LIBRARY_PATH={workdir}", runner, *ep,
+            "-C", "session.disable_cpu_ep_fallback|1", "-m", "times", "-r", str(iters), "-I",
+            model]
 
 
 def parse_perf_test(text: str) -> dict:
@@ -98,6 +108,7 @@ class OrtPerfTestDriver:
         self.transport, self.runner, self.libs = transport, runner, sorted(libs.values())
         self.soc_model, self.htp_arch = soc_model, htp_arch
         self.remote_runner = transport.remote(REMOTE_NAME)
+        self.plugin = transport.remote(PLUGIN_LIB) if PLUGIN_LIB in libs else None
         self._ready = False
 
     def _prepare(self) -> None:
@@ -117,7 +128,7 @@ class OrtPerfTestDriver:
         t = self.transport
         pushed = [t.remote(artifact.name)] + [t.remote(Path(c).name) for c in companions]
         argv = perf_test_argv(self.remote_runner, pushed[0], iters, self.soc_model,
-                              self.htp_arch, t.workdir)
+                              self.htp_arch, t.workdir, self.plugin)
         try:
             for local, remote in zip([artifact, *companions], pushed):
                 t.push(local, remote)
