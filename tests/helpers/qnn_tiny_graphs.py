@@ -104,6 +104,7 @@ def _build(name: str):
 def component(name: str):
     """(onnx path, module, input names, sampler) with the ONNX export cached."""
     module, names, sampler = _build(name)
+    module.eval()
     path = _DIR / f"{name}.onnx"
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
