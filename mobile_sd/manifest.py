@@ -39,7 +39,9 @@ SCHEMA = "mobile-sd/manifest/v1"
 FORMATS = {".pte": "pte", ".ptd": "ptd", ".bpte": "bpte", ".etrecord": "etrecord",
            ".onnx": "onnx", ".data": "onnx_data", ".mlpackage": "mlpackage",
            ".mlmodelc": "mlmodelc", ".json": "json", ".txt": "txt"}
-RUNNABLE = ("pte", "onnx", "mlpackage", "mlmodelc")
+#: ``qnn_context``: an ONNX Runtime EPContext wrapper (.onnx) of a QNN context binary
+#: (``qnn_bin``); the exporter sets these formats, the suffix alone says "onnx" / "bin".
+RUNNABLE = ("pte", "onnx", "mlpackage", "mlmodelc", "qnn_context")
 DTYPES = ("float32", "float16", "int64", "int32", "int8", "uint8", "bool")
 
 

@@ -23,7 +23,7 @@ from mobile_sd.config import from_dict, load_yaml, to_dict
 from mobile_sd.errors import RecipeError, SpecError
 
 Attention = Literal["original", "split_einsum", "split_einsum_v2"]
-Precision = Literal["fp32", "fp16", "int8", "int8_dynamic", "int4_weight"]
+Precision = Literal["fp32", "fp16", "int8", "int8_dynamic", "int4_weight", "w8a16"]
 DEFAULT_PROMPTS = ("a photo of an astronaut riding a horse on mars",
                    "a watercolor painting of a lighthouse at dawn",
                    "a close-up portrait of a tabby cat, studio lighting")
@@ -103,9 +103,31 @@ class OnnxOptions:
         return iter(())
 
 
-FormatOptions = Union[CoreMLOptions, ExecuTorchOptions, OnnxOptions]
+#: Snapdragon parts of ``format: qnn`` (the table with ids and HTP arch is
+#: mobile_sd/runtimes/qnn/socs.py, a layer above; tests/runtimes/qnn/test_socs.py keeps them equal).
+QNN_SOCS = ("SM8550", "SM8650", "SM8750")
+
+
+@dataclass(frozen=True)
+class QnnOptions:
+    """Options of ``format: qnn`` (QNN HTP context binaries through ONNX Runtime's QNN EP)."""
+    soc: str = "SM8650"                  # Snapdragon part: SM8550 / SM8650 / SM8750
+    opset: int = 21                      # 16-bit QuantizeLinear (w8a16) needs opset >= 21
+    mask_floor: float = -100.0           # w8a16: additive attention masks clamped to this
+
+    def problems(self, recipe: "Recipe"):
+        if self.soc.upper() not in QNN_SOCS:
+            yield (f"unknown Qualcomm SoC {self.soc!r} for the QNN HTP backend; known: "
+                   f"{', '.join(QNN_SOCS)}")
+        if self.opset < 21:
+            yield f"opset must be >= 21 for the QNN HTP (16-bit Q/DQ), got {self.opset}"
+        if self.mask_floor >= 0:
+            yield f"mask_floor must be negative (e.g. -100), got {self.mask_floor}"
+
+
+FormatOptions = Union[CoreMLOptions, ExecuTorchOptions, OnnxOptions, QnnOptions]
 FORMAT_OPTIONS: dict[str, type] = {"coreml": CoreMLOptions, "executorch": ExecuTorchOptions,
-                                   "onnx": OnnxOptions}
+                                   "onnx": OnnxOptions, "qnn": QnnOptions}
 
 
 @dataclass(frozen=True)
@@ -117,9 +139,9 @@ class Recipe:
     another format's group is an error naming that format.
     """
     name: str
-    format: Literal["coreml", "executorch", "onnx"]
+    format: Literal["coreml", "executorch", "onnx", "qnn"]
     description: str = ""
-    backend: Literal["coreml", "xnnpack", "qnn", "onnxruntime"] = "coreml"
+    backend: Literal["coreml", "xnnpack", "qnn", "onnxruntime", "htp"] = "coreml"
     target: Literal["iOS17", "iOS18", "android", "host"] = "iOS17"
     precision: Precision = "fp16"
     interface: Literal["native", "swift"] = "native"
@@ -210,12 +232,13 @@ def _unknown_key(key: str, fmt, own: set[str], where: str) -> str:
 
 
 _BACKENDS = {"coreml": {"coreml"}, "executorch": {"xnnpack", "coreml", "qnn"},
-             "onnx": {"onnxruntime"}}
+             "onnx": {"onnxruntime"}, "qnn": {"htp"}}
 _PRECISIONS = {("coreml", "coreml"): {"fp16", "fp32"},
                ("executorch", "xnnpack"): {"fp32", "fp16", "int8", "int8_dynamic", "int4_weight"},
                ("executorch", "coreml"): {"fp16", "fp32", "int8", "int4_weight"},
                ("executorch", "qnn"): {"fp16", "int8"},
-               ("onnx", "onnxruntime"): {"fp32", "fp16"}}
+               ("onnx", "onnxruntime"): {"fp32", "fp16"},
+               ("qnn", "htp"): {"fp16", "w8a16"}}
 
 
 def _conflicts(r: Recipe):

@@ -21,6 +21,11 @@ from mobile_sd.errors import BackendUnavailableError, DeviceError, InvalidArgume
 UNSUPPORTED = {
     ("adb", "onnx"): "the adb target runs ExecuTorch .pte files with executor_runner only",
     ("ios", "onnx"): "the iOS benchmark app runs .pte and Core ML models only",
+    ("ios", "qnn_context"): "QNN context binaries run on Snapdragon (Android) phones only",
+    ("mac", "qnn_context"): "QNN context binaries run on Snapdragon (Android) phones only",
+    ("local", "qnn_context"): ("QNN context binaries run on a Snapdragon phone (--target adb "
+                               "--runner onnxruntime_perf_test); on this host only the HTP "
+                               "emulator runs them (mobile-sd parity), which is no speed measure"),
 }
 
 
@@ -47,7 +52,8 @@ def run_bench(artifact_dir: Path, target: str, warmup: int, iters: int, out_dir:
     tgt = parse_target(target)
     if tgt.kind == "adb" and runner is None:
         raise InvalidArgumentError("--target adb needs --runner PATH to an executor_runner built "
-                                   "for Android (see docs/android_runner.md)")
+                                   "for Android (see docs/android_runner.md), or for format "
+                                   "'qnn' an onnxruntime_perf_test (see docs/qnn_htp.md)")
     out_dir.mkdir(parents=True, exist_ok=True)
     ctx = _context(manifest, artifact_dir, pipe, tgt, warmup, iters)
     try:
@@ -58,7 +64,7 @@ def run_bench(artifact_dir: Path, target: str, warmup: int, iters: int, out_dir:
     results: list[dict] = []
     try:
         ctx["device"] = transport.device_info()
-        driver = _driver(tgt, transport, runner)
+        driver = _driver(tgt, transport, runner, manifest)
         lost = None
         for item in items:
             if lost is not None:
@@ -102,7 +108,8 @@ def _bench_item(ctx, item: BenchItem, tgt: Target, transport, driver, out_dir: P
             if driver is not None:
                 line = driver.bench(item.path, ctx["warmup"], ctx["iters"], timeout_s=timeout_s,
                                     etdump_local=etdump, data_file=item.data_file,
-                                    on_line=on_line)
+                                    on_line=on_line, **({"companions": item.companions}
+                                                        if item.format == "qnn_context" else {}))
             else:
                 from mobile_sd.bench.runner import drive
 
@@ -127,9 +134,15 @@ def _partial(exc: Exception) -> dict | None:
     return partial if partial and partial.get("iteration_ms") else None
 
 
-def _driver(tgt: Target, transport, runner: Path | None):
+def _driver(tgt: Target, transport, runner: Path | None, manifest=None):
     if tgt.kind != "adb":
         return None
+    if manifest is not None and manifest.format == "qnn":
+        from mobile_sd.bench.transports.ort_perf_test import OrtPerfTestDriver
+
+        comp = next(iter(manifest.components.values())).details
+        return OrtPerfTestDriver(transport, Path(runner), int(comp["soc_model"]),
+                                 int(str(comp["htp_arch"]).lstrip("v")))
     from mobile_sd.bench.transports.executor_runner import ExecutorRunnerDriver
 
     return ExecutorRunnerDriver(transport, Path(runner))

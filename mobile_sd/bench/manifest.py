@@ -15,7 +15,7 @@ from mobile_sd.bench.errors import BenchManifestError
 from mobile_sd.manifest import Manifest, TensorEntry
 
 #: Files a runnable file needs beside it on the device (ONNX external data).
-COMPANIONS = {"onnx": {"onnx_data", "data"}}
+COMPANIONS = {"onnx": {"onnx_data", "data"}, "qnn_context": {"qnn_bin"}}
 
 
 @dataclass(frozen=True)

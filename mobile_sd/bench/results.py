@@ -44,6 +44,7 @@ def make_result(ctx: dict, item, *, line: dict | None = None, sha256: str | None
         "warmup_ms": line.get("warmup_ms") or [], "iteration_ms": times,
         "stats": summarize(times), "timing_source": line.get("timing_source", "runner"),
         "aggregate_mean_ms": line.get("aggregate_mean_ms"), "note": line.get("note"),
+        "aggregate": line.get("aggregate"),   # runners that print only min/max/percentiles
         "rss_before_load_mb": line.get("rss_before_load_mb"),
         "peak_rss_mb": line.get("peak_rss_mb"), "placement": line.get("placement"),
         "etdump": line.get("etdump"), "op_table": None,

@@ -25,6 +25,8 @@ def _recipe_from_args(args: argparse.Namespace):
             recipe = dataclasses.replace(recipe, latent_size=args.latent_size)
         except ValueError as exc:  # Recipe.__post_init__ validation
             raise RecipeError(f"--latent-size: {exc}") from exc
+    if getattr(args, "soc", None):
+        recipe = _with_soc(recipe, args.soc)
     if args.components:
         check_component_names(args.components, "--components", RecipeError)
         comps = {n: dataclasses.replace(recipe.components.get(n, ComponentRecipe()),
@@ -32,6 +34,20 @@ def _recipe_from_args(args: argparse.Namespace):
                  for n in COMPONENT_NAMES}
         recipe = dataclasses.replace(recipe, components=comps)
     return recipe
+
+
+def _with_soc(recipe, soc: str):
+    """``--soc``: the Snapdragon part of a ``format: qnn`` recipe (checked like the file's)."""
+    from mobile_sd.errors import RecipeError
+
+    if recipe.format != "qnn":
+        raise RecipeError(f"--soc applies to format 'qnn' recipes; {recipe.name} is "
+                          f"format {recipe.format!r}")
+    try:
+        return dataclasses.replace(recipe, options=dataclasses.replace(recipe.options,
+                                                                       soc=soc.upper()))
+    except ValueError as exc:  # Recipe.__post_init__ validation
+        raise RecipeError(f"--soc: {exc}") from exc
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -70,6 +86,8 @@ def register(sub) -> None:
     p.add_argument("--latent-size", type=int, default=None, help="override the recipe's latent size")
     p.add_argument("--components", nargs="+", default=None,
                    help="export only these components (text_encoder unet decoder)")
+    p.add_argument("--soc", default=None,
+                   help="format 'qnn': Snapdragon part to compile for (SM8550, SM8650, SM8750)")
     p.add_argument("--force", action="store_true",
                    help="replace an existing --out written by `mobile-sd export` (its "
                    "manifest.json); anything else is refused, never deleted")

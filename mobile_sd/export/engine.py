@@ -50,8 +50,10 @@ def exporters() -> dict[str, Exporter]:
     from mobile_sd.export.coreml.flow import CoreMLExporter
     from mobile_sd.export.executorch.flow import ExecuTorchExporter
     from mobile_sd.export.onnx.flow import OnnxExporter
+    from mobile_sd.export.qnn.flow import QnnExporter
 
-    return {e.format: e for e in (CoreMLExporter(), ExecuTorchExporter(), OnnxExporter())}
+    return {e.format: e for e in (CoreMLExporter(), ExecuTorchExporter(), OnnxExporter(),
+                                  QnnExporter())}
 
 
 def surgery_passes(recipe: Recipe, settings: ResolvedComponent) -> list[str]:
@@ -156,7 +158,8 @@ def run_export(recipe: Recipe, model, out: Path, overwrite: bool = False) -> Man
 
     exporter = exporters()[recipe.format]
     names = recipe.exported_components()
-    needs_calibration = any(recipe.component(n).precision == "int8" for n in names)
+    # int8 (PT2E) and w8a16 (QNN QDQ) calibrate on every recorded prompt x step
+    needs_calibration = any(recipe.component(n).precision in ("int8", "w8a16") for n in names)
     manifest = _new_manifest(recipe, model)
     with atomic_output_dir(out, overwrite=overwrite, kind="export") as tmp:
         bar = tqdm(total=len(names) + 1, desc="export", unit="component")

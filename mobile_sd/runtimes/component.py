@@ -4,6 +4,8 @@
   delegated to a backend this runtime does not register (Core ML anywhere but macOS, QNN without
   the Qualcomm libraries) is *skipped* with the reason.
 * ``.onnx``: onnxruntime, CPU provider (:mod:`.ort`).
+* ``qnn_context`` (an EPContext ``.onnx`` + its ``_qnn.bin``): onnxruntime's QNN EP, on this
+  host the QAIRT HTP emulator (:mod:`.qnn.runner`); skipped when onnxruntime-qnn is missing.
 * ``.mlpackage``: Core ML predictions only on macOS (:mod:`.coreml`); elsewhere its I/O is still
   checked against the manifest, then it is skipped with the reason.
 
@@ -30,7 +32,7 @@ from mobile_sd.manifest import FileEntry, Manifest, TensorEntry
 from mobile_sd.runtimes.io import ArtifactRunError, FileRunner, RuntimeSkip  # noqa: F401
 
 RUNNABLE = {"pte": "executorch", "onnx": "onnxruntime", "mlpackage": "coreml",
-            "mlmodelc": "coreml"}
+            "mlmodelc": "coreml", "qnn_context": "qnn-htp"}
 _TORCH = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64,
           "int32": torch.int32, "bool": torch.bool}
 
@@ -111,6 +113,10 @@ def _open_file(path: Path, entry: FileEntry, manifest: Manifest, ins, outs,
         from mobile_sd.runtimes.ort import OnnxRunner
 
         return OnnxRunner(path, ins, outs, num_threads)
+    if kind == "qnn-htp":
+        from mobile_sd.runtimes.qnn.runner import QnnContextRunner
+
+        return QnnContextRunner(path, ins, outs, manifest)
     from mobile_sd.runtimes.coreml.runner import CoreMLRunner
 
     return CoreMLRunner(path, ins, outs)
