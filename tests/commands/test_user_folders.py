@@ -9,7 +9,6 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from tests.helpers.paths import RECIPES
 
@@ -22,16 +21,18 @@ def _one_thread(one_thread):
 
 
 def _fp16_variant_only(folder):
-    """Every weights file replaced by its fp16 ``.fp16.safetensors`` variant (as most published
-    SD-1.5 repositories ship them when only the fp16 files are downloaded)."""
-    for plain in sorted(folder.glob("*/*.safetensors")):
-        if ".fp16." in plain.name:
-            continue
-        tensors = {k: v.half() if v.is_floating_point() else v
-                   for k, v in load_file(str(plain)).items()}
-        save_file(tensors, str(plain.with_name(plain.name.replace(".safetensors",
-                                                                   ".fp16.safetensors"))))
-        plain.unlink()
+    """Every component re-saved in fp16 by diffusers / transformers themselves as the
+    ``variant="fp16"`` files published SD-1.5 repositories ship, the plain files removed (a
+    user who downloaded only the fp16 variant)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    for sub, cls in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL),
+                     ("text_encoder", CLIPTextModel)):
+        model = cls.from_pretrained(folder / sub).half()
+        shutil.rmtree(folder / sub)
+        model.save_pretrained(folder / sub, variant="fp16")
+    assert not list(folder.glob("*/*[!6].safetensors"))   # only *.fp16.safetensors left
 
 
 def _bk_sdm_unet(folder):
