@@ -24,8 +24,10 @@ apple/ml-stable-diffusion (``swift/StableDiffusion/``), written from the contrac
 Components are plain callables on numpy float32 arrays (what Core ML's ``MLMultiArray`` holds),
 so that Core ML packages run by a MIL interpreter or eager modules can be plugged in:
 ``text_encoder(ids[1,77] f32) -> [1,77,D]``, ``unet(sample, timestep[B], ehs[B,D,1,77]) ->
-noise_pred``, ``decoder(z[1,4,S,S]) -> image[1,3,8S,8S]``. :func:`eager_swift_components` builds
-them from a :class:`~mobile_sd.models.zoo.Model` (optionally with the ``v_to_epsilon`` surgery).
+noise_pred``, ``decoder(z[1,4,S,S]) -> image[1,3,8S,8S]``. Builders live above this layer:
+:func:`mobile_sd.parity.swift_app.eager_swift_components` (eager modules, optionally with the
+``v_to_epsilon`` surgery) and :func:`mobile_sd.parity.swift_app.bundle_components` (a Core ML
+bundle's own files through the MIL runtime).
 
 :func:`reference_dpmpp` is the fp32 PyTorch pipeline on the eager (v-prediction) model with
 diffusers' ``DPMSolverMultistepScheduler`` set up as the Swift app sets up its own
@@ -490,37 +492,6 @@ def run_swift_app(components: SwiftComponents, config: SwiftConfiguration,
                           unet_calls=calls)
 
 
-def eager_swift_components(model, v_to_epsilon: bool = True,
-                           latent_size: int | None = None) -> SwiftComponents:
-    """The fp32 eager modules of ``model`` behind the Swift interface (``input_ids`` float32,
-    ``encoder_hidden_states`` ``[2, D, 1, 77]``), as numpy callables. ``v_to_epsilon``: apply
-    the ``v_to_epsilon`` surgery (built for the model's scheduler spec) to the UNet."""
-    import torch
-
-    from mobile_sd.components import decoder_component, text_encoder_component, unet_component
-    from mobile_sd.surgery.v_to_epsilon import VToEpsilonPass
-
-    spec = model.spec
-    latent = latent_size or spec.unet.sample_size
-    length = spec.text_encoder.max_length
-    unet = VToEpsilonPass.for_spec(spec).apply(model.unet) if v_to_epsilon else model.unet
-    te = text_encoder_component(model.text_encoder, length, spec.text_encoder.hidden_size, "swift")
-    un = unet_component(unet, latent, spec.unet.in_channels, length,
-                        spec.unet.cross_attention_dim, "batch2", "swift")
-    de = decoder_component(model.decoder, latent, spec.decoder.latent_channels, "swift")
-
-    def numpy_call(module):
-        module.eval()
-
-        @torch.no_grad()
-        def call(*arrays):
-            out = module(*[torch.from_numpy(np.ascontiguousarray(a)) for a in arrays])
-            return out.detach().float().numpy()
-        return call
-    return SwiftComponents(numpy_call(te.module), numpy_call(un.module), numpy_call(de.module),
-                           latent_sample_shape=tuple(un.inputs[0].shape), text_length=length)
-
-
 # ============================================================================= reference
 
 def diffusers_dpmpp_like_swift(prediction_type: str = "v_prediction", step_count: int = 8,
@@ -619,5 +590,5 @@ def psnr(a: Array, b: Array, peak: float = 255.0) -> float:
 __all__ = ["SwiftConfiguration", "SwiftBPETokenizer", "SwiftDPMSolverMultistepScheduler",
            "SwiftPNDMScheduler", "SwiftComponents", "SwiftAppResult", "make_swift_scheduler",
            "numpy_rng_latents", "image_to_uint8", "to_hidden_states", "run_swift_app",
-           "eager_swift_components", "diffusers_dpmpp_like_swift", "reference_dpmpp",
+           "diffusers_dpmpp_like_swift", "reference_dpmpp",
            "ReferenceResult", "psnr"]

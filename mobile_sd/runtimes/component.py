@@ -4,8 +4,8 @@
   delegated to a backend this runtime does not register (Core ML anywhere but macOS, QNN without
   the Qualcomm libraries) is *skipped* with the reason.
 * ``.onnx``: onnxruntime, CPU provider (:mod:`.ort`).
-* ``.mlpackage``: Core ML predictions only on macOS (:mod:`.coreml`); elsewhere its I/O is still
-  checked against the manifest, then it is skipped with the reason.
+* ``.mlpackage``: I/O checked against the manifest, then Core ML itself on macOS, the MIL
+  runtime (:mod:`.coreml`, an interpreter of the saved ML Program) everywhere else.
 
 A chunked component (several runnable files, each with its own ``inputs``/``outputs`` in the
 manifest) runs chunk by chunk, each chunk taking its inputs by name from the component's inputs
@@ -70,8 +70,9 @@ class ComponentRunner:
 
 
 def open_component(folder: str | Path, manifest: Manifest, name: str,
-                   num_threads: int | None = None) -> ComponentRunner:
-    """A runner for component ``name`` of the export in ``folder``.
+                   num_threads: int | None = None, coreml_mode: str = "typed") -> ComponentRunner:
+    """A runner for component ``name`` of the export in ``folder`` (``coreml_mode``: how the
+    MIL runtime runs Core ML packages off macOS, ``typed`` or ``fp32``-widened).
 
     Raises :class:`RuntimeSkip` when it cannot run on this host and :class:`ParityError` when
     the artifact does not match its manifest.
@@ -93,12 +94,12 @@ def open_component(folder: str | Path, manifest: Manifest, name: str,
         ins = entry.inputs if chunked else comp.inputs
         outs = entry.outputs if chunked else comp.outputs
         runners.append(_open_file(Path(folder) / entry.path, entry, manifest, ins, outs,
-                                  num_threads))
+                                  num_threads, coreml_mode))
     return ComponentRunner(name, comp.inputs, comp.outputs, runners)
 
 
 def _open_file(path: Path, entry: FileEntry, manifest: Manifest, ins, outs,
-               num_threads) -> FileRunner:
+               num_threads, coreml_mode: str = "typed") -> FileRunner:
     kind = RUNNABLE[entry.format]
     if kind == "executorch":
         try:
@@ -113,4 +114,4 @@ def _open_file(path: Path, entry: FileEntry, manifest: Manifest, ins, outs,
         return OnnxRunner(path, ins, outs, num_threads)
     from mobile_sd.runtimes.coreml.runner import CoreMLRunner
 
-    return CoreMLRunner(path, ins, outs)
+    return CoreMLRunner(path, ins, outs, coreml_mode)

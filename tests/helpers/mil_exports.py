@@ -2,8 +2,8 @@
 
 Each folder is made by the real command line (``python -m mobile_sd.cli export --recipe R``)
 and cached across test sessions under ``$MOBILE_SD_MIL_TEST_CACHE`` (default: the system temp
-dir), keyed by the recipe text and the sources under ``mobile_sd/`` (the runtime excluded), so
-a change to the exporter or a recipe re-exports. A cold cache costs ~1.5-2 min per recipe.
+dir), keyed by the recipe text and the sources under ``mobile_sd/`` (the layers above the export:
+runtimes, parity, bench, report, excluded), so a change to the exporter or a recipe re-exports. A cold cache costs ~1.5-2 min per recipe.
 """
 from __future__ import annotations
 
@@ -37,10 +37,14 @@ attention: split_einsum_v2
 """
 
 
+# Packages that cannot change what an export writes (they sit above it or only run artifacts).
+_NOT_EXPORT = frozenset({"runtimes", "parity", "bench", "report"})
+
+
 def _source_key(recipe_text: str, spec: str) -> str:
     h = hashlib.sha256(recipe_text.encode() + spec.encode())
     for path in sorted((ROOT / "mobile_sd").rglob("*")):
-        if path.suffix in (".py", ".yaml") and "runtimes" not in path.parts:
+        if path.suffix in (".py", ".yaml") and not _NOT_EXPORT.intersection(path.parts):
             h.update(str(path.relative_to(ROOT)).encode())
             h.update(path.read_bytes())
     return h.hexdigest()[:16]
@@ -100,8 +104,23 @@ def reference_call(folder: Path, component: str):
             if call["component"] == component:
                 ins = {k: f.get_tensor(f"{i:05d}/in/{k}") for k in call["inputs"]}
                 outs = {k: f.get_tensor(f"{i:05d}/out/{k}") for k in call["outputs"]}
-                return ins, outs
+                return ins, _as_exported(folder, component, ins, outs)
     raise KeyError(f"{path}: no recorded call of {component}")
+
+
+def _as_exported(folder: Path, component: str, ins: dict, outs: dict) -> dict:
+    """The recorded fp32 outputs as the export's contract has them: a UNet exported with
+    ``v_to_epsilon`` outputs epsilon where the recorded (v-prediction) UNet gave v."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    if "v_to_epsilon" not in manifest["components"].get(component, {}).get("surgery", []):
+        return outs
+    from mobile_sd.surgery.v_to_epsilon import alphas_cumprod
+
+    alpha_bar = alphas_cumprod().numpy()    # the tiny specs train on SD's schedule
+    t = np.clip(np.round(ins["timestep"]), 0, len(alpha_bar) - 1).astype(np.int64)
+    a = np.sqrt(alpha_bar[t]).reshape(-1, 1, 1, 1)
+    s = np.sqrt(1 - alpha_bar[t]).reshape(-1, 1, 1, 1)
+    return {k: (a * v + s * ins["sample"]).astype(np.float32) for k, v in outs.items()}
 
 
 def package_inputs(model, ins: dict) -> dict:
