@@ -22,6 +22,9 @@ import torch
 from mobile_sd.export.components import ExportComponent
 from mobile_sd.errors import ParityError
 
+# A tier that does not exist for a format (reported "n/a", not "skipped": nothing was left out).
+NOT_APPLICABLE = "n/a:"
+
 # Recipe fields that shape a component's I/O; the rest (compression...) is not needed here.
 _RECIPE_KEYS = ("name", "format", "backend", "target", "precision", "interface", "latent_size",
                 "cfg", "attention")
@@ -111,9 +114,9 @@ def lowering_reference(comp: ExportComponent, precision: str,
         # precision choice, not a lowering bug, so a 60 dB gate would fail healthy exports.
         # Conversion error is what the fp32 tier plus the locator (typed vs widened, per op)
         # already expose; the widened run is reported separately (ParityOptions.coreml_mode).
-        return None, ("Core ML palettization / fp16 compute has no eager equivalent; the MIL "
-                      "runtime's fp32-widened run measures fp16 loss, not lowering (tier 2 vs "
-                      "the fp32 original applies)")
+        return None, (f"{NOT_APPLICABLE} Core ML palettization / fp16 compute has no eager "
+                      "equivalent; the MIL runtime's fp32-widened run measures fp16 loss, not "
+                      "lowering (tier 2 vs the fp32 original applies)")
     if precision == "fp32":
         return comp.module, None
     if precision == "fp16":

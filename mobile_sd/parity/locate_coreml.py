@@ -5,17 +5,18 @@ rounded to fp16) and fp32-widened. Three findings, each naming the MIL op and, w
 weight names carry it (``p_unet_down_blocks_0_..._weight_to_fp16_palettized``), the source
 torch module of the fp32 reference with the export's surgery:
 
-1. **fp16**: the first op whose as-typed output departs from its widened output by more than
-   the gate (overflow to inf, underflow, catastrophic cancellation): a precision problem of the
-   program itself, invisible in fp32.
+1. **fp16 overflow**: the first op whose as-typed output is inf/nan where the widened one is
+   finite: a precision problem of the program itself, invisible in fp32.
 2. **weights**: each weight tensor after its constexpr expansion (palette, affine, ...) against
-   the reference parameter of the same name; palettization costs every tensor a similar SNR, so
-   one far below the median (a corrupted LUT entry, a wrong palette) is named.
+   the reference parameter of the same name; palettization costs every palettized tensor a
+   similar SNR, so one ``OUTLIER_DB`` below the median of its kind (palettized or not) is named
+   (a corrupted LUT entry, a wrong palette).
 3. **activations**: in execution order, the first op with a known source module whose output
    falls below the gate against that module's eager output and loses at least
    ``DROP_DB`` against the previous compared op (error that appears there, not inherited).
 
-``module`` in the result is the first of these findings in execution order.
+``module`` in the result is the most specific finding (overflow, then weights, then
+activations); ``findings`` lists all of them.
 """
 from __future__ import annotations
 
@@ -51,12 +52,17 @@ def _label(op, paths: dict) -> str:
     return f"{where}at MIL op {op.name} [{op.op_type}]"
 
 
-def _fp16_finding(mil_typed, typed, wide, gate_db: float):
-    from mobile_sd.runtimes.coreml import first_divergence
-
-    found = first_divergence(typed, wide, mil_typed.ops(), gate_db)
-    return None if found is None else {"op": found[0], "var": found[1], "cause": "fp16",
-                                       "psnr_db": _psnr(typed[found[1]], wide[found[1]])}
+def _fp16_finding(mil_typed, typed, wide):
+    """The first op whose as-typed output is inf/nan where the widened one is finite: fp16
+    overflow in the program itself. (Plain fp16 rounding is not a finding: it departs
+    everywhere by design, e.g. sin/cos of large timestep arguments.)"""
+    for op in mil_typed.ops():
+        for name in op.outputs:
+            a, b = typed.get(name), wide.get(name)
+            if isinstance(a, torch.Tensor) and a.is_floating_point() and b is not None \
+                    and not torch.isfinite(a).all() and torch.isfinite(b).all():
+                return {"op": op, "var": name, "cause": "fp16 overflow"}
+    return None
 
 
 def _weight_findings(mil_model, params: dict, limit: int = 5) -> tuple[list, dict | None]:
@@ -76,14 +82,19 @@ def _weight_findings(mil_model, params: dict, limit: int = 5) -> tuple[list, dic
                                                                ref.float())})
     if not rows:
         return [], None
-    median = statistics.median(r["snr_db"] for r in rows if r["snr_db"] != float("inf")) \
-        if any(r["snr_db"] != float("inf") for r in rows) else float("inf")
     worst = sorted(rows, key=lambda r: r["snr_db"])[:limit]
-    outlier = next((r for r in rows if r["snr_db"] < median - OUTLIER_DB), None)
-    finding = None if outlier is None else {"op": outlier["op"], "cause": "weights",
-                                            "weight": outlier["name"],
-                                            "snr_db": outlier["snr_db"], "median_snr_db": median}
-    return worst, finding
+    outliers = []
+    for palettized in (True, False):   # palettes cost far more SNR than fp16 rounding
+        group = [r for r in rows if r["name"].endswith("_palettized") == palettized]
+        if len(group) >= 3:
+            median = statistics.median(r["snr_db"] for r in group)
+            outliers += [dict(r, median_snr_db=median) for r in group
+                         if r["snr_db"] < median - OUTLIER_DB]
+    if not outliers:
+        return worst, None
+    bad = min(outliers, key=lambda r: r["snr_db"])
+    return worst, {"op": bad["op"], "cause": "weights", "weight": bad["name"],
+                   "snr_db": bad["snr_db"], "median_snr_db": bad["median_snr_db"]}
 
 
 def _psnr(test, ref) -> float:
@@ -118,12 +129,10 @@ def locate_mil(path, feed: dict, surgery_module: torch.nn.Module, eager_inputs,
     _, typed = typed_model.predict(feed, record=True)
     _, wide = wide_model.predict(feed, record=True)
     paths, params = _underscored(surgery_module)
-    order = {op.name: i for i, op in enumerate(typed_model.ops())}
     worst, weights = _weight_findings(typed_model, params)
-    findings = [f for f in (_fp16_finding(typed_model, typed, wide, gate_db), weights,
-                            _activation_finding(typed_model, typed,
-                                                EagerModules(surgery_module, eager_inputs),
-                                                paths, gate_db)) if f]
+    eager = EagerModules(surgery_module, eager_inputs)
+    findings = [f for f in (_fp16_finding(typed_model, typed, wide), weights,
+                            _activation_finding(typed_model, typed, eager, paths, gate_db)) if f]
     result = {"status": "found" if findings else "not_found", "engine": "mil",
               "weights_worst": [{"name": r["name"], "snr_db": round(r["snr_db"], 2),
                                  "op": r["op"].name} for r in worst]}
@@ -131,9 +140,10 @@ def locate_mil(path, feed: dict, surgery_module: torch.nn.Module, eager_inputs,
         result["reason"] = (f"no op falls below {gate_db:g} dB with a drop of {DROP_DB:g} dB, "
                             "no fp16 divergence, no outlier weight: the error accumulates")
         return result
-    first = min(findings, key=lambda f: order.get(f["op"].name, 0))
-    op = first.pop("op")
-    result.update({k: (round(v, 2) if isinstance(v, float) else v) for k, v in first.items()},
-                  module=_label(op, paths), mil_op=op.name, op_type=op.op_type,
-                  findings=[f["cause"] for f in findings])
+    first = findings[0]            # by cause: overflow, then a bad weight, then activations
+    result.update({k: (round(v, 2) if isinstance(v, float) else v) for k, v in first.items()
+                   if k != "op"}, module=_label(first["op"], paths), mil_op=first["op"].name,
+                  op_type=first["op"].op_type,
+                  findings=[{"cause": f["cause"], "module": _label(f["op"], paths)}
+                            for f in findings])
     return result

@@ -88,6 +88,8 @@ def _jsonable(value):
 def _db(tier: dict | None) -> str:
     if not tier:
         return "-"
+    if str(tier.get("reason", "")).startswith("n/a:"):   # eager.NOT_APPLICABLE
+        return "n/a"
     if tier.get("status") == "skip" or "worst" not in tier:
         return "skipped"
     return f"{tier['worst']['psnr_db']:.1f} (>= {tier['gate_min_psnr_db']:g})"

@@ -140,6 +140,10 @@ def run_bundle(folder: str | Path, prompt: str, seed: int = 0, mode: str = "type
     the packages), with the settings its manifest says the app must select."""
     folder = Path(folder)
     settings = app_settings(folder)
+    for name in ("vocab.json", "merges.txt"):
+        if not (folder / name).is_file():
+            raise ParityError(f"{folder / name}: missing; the app tokenizes with the bundle's "
+                              "vocab.json + merges.txt")
     tokenizer = SwiftBPETokenizer.from_files(folder / "vocab.json", folder / "merges.txt")
     config = SwiftConfiguration(prompt, step_count=int(steps or settings["steps"]), seed=seed,
                                 guidance_scale=float(guidance or settings["guidance"]),

@@ -95,7 +95,25 @@ def open_component(folder: str | Path, manifest: Manifest, name: str,
         outs = entry.outputs if chunked else comp.outputs
         runners.append(_open_file(Path(folder) / entry.path, entry, manifest, ins, outs,
                                   num_threads, coreml_mode))
+    if chunked:
+        _check_chain(name, comp.inputs, comp.outputs, runners)
     return ComponentRunner(name, comp.inputs, comp.outputs, runners)
+
+
+def _check_chain(name: str, inputs, outputs, runners) -> None:
+    """Chunks chain by name (Swift's ``Unet.swift``): each chunk's inputs come from the
+    component's inputs or an earlier chunk's outputs; the last chunks give the outputs."""
+    available = {s.name: tuple(s.shape) for s in inputs}
+    for runner in runners:
+        bad = [s.name for s in runner.inputs if available.get(s.name) != tuple(s.shape)]
+        if bad:
+            raise ParityError(f"{runner.path.name}: inputs {bad} are neither {name} inputs nor "
+                              "earlier chunk outputs of that shape: the chunks do not chain; "
+                              "re-export")
+        available.update({s.name: tuple(s.shape) for s in runner.outputs})
+    missing = [s.name for s in outputs if s.name not in available]
+    if missing:
+        raise ParityError(f"{name}: no chunk produces the outputs {missing}; re-export")
 
 
 def _open_file(path: Path, entry: FileEntry, manifest: Manifest, ins, outs,

@@ -21,16 +21,20 @@ Before::
 After (``VToEpsilonUNet(unet, sqrt_alpha_bar, sqrt_one_minus_alpha_bar)``)::
 
     v   = unet(sample, timestep, encoder_hidden_states)
-    idx = clamp(round(timestep), 0, T - 1).to(int32)                      # the app sends floats
-    a   = index_select(sqrt_alpha_bar, 0, idx).reshape(B, 1, 1, 1)        # constant [T] tables
-    s   = index_select(sqrt_one_minus_alpha_bar, 0, idx).reshape(B, 1, 1, 1)
+    t   = clamp(round(timestep), 0, T - 1)                                # the app sends floats
+    hot = (arange(T) == t[:, None]).to(v.dtype)                           # [B, T] one-hot
+    a   = (hot * sqrt_alpha_bar).sum(1).reshape(B, 1, 1, 1)               # constant [T] tables
+    s   = (hot * sqrt_one_minus_alpha_bar).sum(1).reshape(B, 1, 1, 1)
     return a * v + s * sample                                             # epsilon
 
 The tables (``T = num_train_timesteps`` entries, computed in float64 from the training beta
 schedule, stored as float32 buffers) are looked up **inside the graph** from the timestep input,
-so one exported program serves every step. Every op (``round``, ``clamp``, cast to int32,
-``index_select``, ``reshape``, ``mul``, ``add``) is in coremltools' torch frontend and exports
-with static shapes through ``torch.export``. The Swift app sends the timestep as float32 ``[2]``
+so one exported program serves every step. The lookup is a one-hot product, not a gather:
+coremltools lowers a gather's int32 index to uint16 for iOS17+, and its ``bisect_model`` (which
+splits a large UNet into the Swift app's two chunks) then fails to rebuild that cast. Every op
+(``round``, ``clip``, ``equal``, ``cast``, ``mul``, ``reduce_sum``, ``reshape``, ``add``) is in
+coremltools' torch frontend and exports with static shapes through ``torch.export``; the sum
+has one non-zero term, so the lookup is exact in fp16 too. The Swift app sends the timestep as float32 ``[2]``
 holding an integer (``Unet.swift``, ``predictNoise``: ``Float(timeStep)``); integers up to 2048
 are exact in fp16 too, so fp16 compute does not move the lookup.
 
@@ -100,17 +104,18 @@ class VToEpsilonUNet(nn.Module):
         self.register_buffer("sqrt_alpha_bar", alpha_bar.sqrt().float(), persistent=False)
         self.register_buffer("sqrt_one_minus_alpha_bar", (1.0 - alpha_bar).sqrt().float(),
                              persistent=False)
+        self.register_buffer("train_steps", torch.arange(self.num_train_timesteps,
+                                                         dtype=torch.float32), persistent=False)
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor,
                 encoder_hidden_states: torch.Tensor) -> torch.Tensor:
         v = _as_tensor(self.unet(sample, timestep, encoder_hidden_states))
-        t = torch.as_tensor(timestep, device=sample.device).reshape(-1)
-        if t.is_floating_point():
-            t = torch.round(t)
-        idx = torch.clamp(t, 0, self.num_train_timesteps - 1).to(torch.int32)
+        t = torch.as_tensor(timestep, device=sample.device).reshape(-1).float()
+        t = torch.clamp(torch.round(t), 0, self.num_train_timesteps - 1)
+        hot = (self.train_steps[None, :] == t[:, None]).to(torch.float32)   # [B, T] one-hot
         shape = (-1,) + (1,) * (sample.ndim - 1)
-        a = torch.index_select(self.sqrt_alpha_bar, 0, idx).reshape(shape).to(v.dtype)
-        s = torch.index_select(self.sqrt_one_minus_alpha_bar, 0, idx).reshape(shape).to(v.dtype)
+        a = (hot * self.sqrt_alpha_bar).sum(1).reshape(shape).to(v.dtype)
+        s = (hot * self.sqrt_one_minus_alpha_bar).sum(1).reshape(shape).to(v.dtype)
         return a * v + s * sample
 
 

@@ -41,6 +41,14 @@ attention: split_einsum_v2
 _NOT_EXPORT = frozenset({"runtimes", "parity", "bench", "report"})
 
 
+# The Swift contract at fp16 without palettes (what "the fp16 bundle" means in the parity
+# tests), its tiny UNet (~1.4 MB fp16) split into UnetChunk1 + UnetChunk2 like a full-size one.
+FP16_CHUNKED_VARIANT = FP32_VARIANT.replace("test-ios-fp32", "test-ios-fp16-chunked").replace(
+    "Core ML fp32", "Core ML fp16, UNet in two chunks").replace(
+    "precision: fp32", "precision: fp16") + "unet_chunk_max_bytes: 1000000\n"
+VARIANTS = {"test-ios-fp32": FP32_VARIANT, "test-ios-fp16-chunked": FP16_CHUNKED_VARIANT}
+
+
 def _source_key(recipe_text: str, spec: str) -> str:
     h = hashlib.sha256(recipe_text.encode() + spec.encode())
     for path in sorted((ROOT / "mobile_sd").rglob("*")):
@@ -56,9 +64,9 @@ def cache_dir() -> Path:
 
 
 def export(recipe: str, spec: str = "snapfusion-tiny") -> Path:
-    """The export folder of ``recipe`` (a shipped recipe name, or ``test-ios-fp32``)."""
-    if recipe == "test-ios-fp32":
-        text = FP32_VARIANT
+    """The export folder of ``recipe`` (a shipped recipe name, or one of ``VARIANTS``)."""
+    if recipe in VARIANTS:
+        text = VARIANTS[recipe]
     else:
         text = (RECIPES / f"{recipe}.yaml").read_text()
     out = cache_dir() / f"{recipe}-{spec}-{_source_key(text, spec)}"
@@ -130,3 +138,60 @@ def package_inputs(model, ins: dict) -> dict:
 
 def match_output(out: np.ndarray, ref: np.ndarray) -> np.ndarray:
     return ref if ref.shape == out.shape else _adapt(ref, out.shape)
+
+
+def copy_export(folder: Path, dest: Path) -> Path:
+    """A private copy of a cached export folder (tests that break a copy leave the cache)."""
+    shutil.copytree(folder, dest)
+    return dest
+
+
+def resign(folder: Path) -> None:
+    """Record every listed file's current size and sha256 in ``manifest.json``: a package that
+    was *written* wrong (not changed after export), so the runtime, not the hash check, meets it."""
+    from mobile_sd.utils.files import sha256_file, size_bytes
+
+    path = folder / "manifest.json"
+    data = json.loads(path.read_text())
+    entries = [f for c in data["components"].values() for f in c["files"]]
+    for entry in entries + data.get("extra_files", []):
+        target = folder / entry["path"]
+        if target.exists():
+            entry.update(bytes=size_bytes(target), sha256=sha256_file(target))
+    path.write_text(json.dumps(data, indent=2))
+
+
+def lut_blob(package: Path, weight_suffix: str):
+    """(weight name, weight file, LUT data offset, LUT values) of the palettized weight whose
+    name ends with ``weight_suffix`` (module prefixes vary with wrapper passes)."""
+    import struct
+
+    import coremltools as ct
+
+    spec = ct.models.MLModel(str(package), skip_model_load=True).get_spec()
+    ops = next(iter(spec.mlProgram.functions["main"].block_specializations.values())).operations
+    lut_op = next(op for op in ops if op.type == "constexpr_lut_to_dense"
+                  and op.outputs[0].name.endswith(weight_suffix))
+    blob = lut_op.inputs["lut"].arguments[0].value.blobFileValue
+    wfile = package / "Data" / "com.apple.CoreML" / "weights" / blob.fileName.split("/")[-1]
+    with open(wfile, "rb") as fh:
+        fh.seek(blob.offset)
+        _, _, nbytes, data_offset = struct.unpack("<IIQQ", fh.read(24))
+        fh.seek(data_offset)
+        lut = np.frombuffer(fh.read(nbytes), np.float16).copy()
+    return lut_op.outputs[0].name, wfile, data_offset, lut
+
+
+def corrupt_lut_entry(package: Path, weight_suffix: str) -> str:
+    """Give the most used palette entry of one palettized weight a wrong value (like a LUT
+    written in the wrong order), in place. Returns the weight's name."""
+    from mobile_sd.runtimes.coreml import load_package
+
+    name, wfile, offset, lut = lut_blob(package, weight_suffix)
+    lut_op = next(op for op in load_package(package).function.operations
+                  if op.op_type == "constexpr_lut_to_dense" and op.outputs[0].name == name)
+    entry = int(np.bincount(lut_op.indices.val.reshape(-1).astype(np.int64)).argmax())
+    with open(wfile, "r+b") as fh:
+        fh.seek(offset + 2 * entry)
+        fh.write(np.float16(-4.0 * float(np.abs(lut).max())).tobytes())
+    return name

@@ -22,18 +22,19 @@ class CoreMLRunner(FileRunner):
         except ImportError as exc:
             raise RuntimeSkip("coremltools is not installed") from exc
         self.path, self.inputs, self.outputs = Path(path), inputs, outputs
-        on_mac = platform.system() == "Darwin"
-        model = ct.models.MLModel(str(path), skip_model_load=not on_mac)
-        described = model.get_spec().description
-        check_io(str(path), "input", inputs, _sorted_like(inputs, coreml_io(described.input)))
-        check_io(str(path), "output", outputs, _sorted_like(outputs, coreml_io(described.output)))
         self.mode = mode
+        on_mac = platform.system() == "Darwin"
         if on_mac and mode == "typed":
-            self.engine, self.model = "coreml", model
+            self.engine, self.model = "coreml", ct.models.MLModel(str(path))
         else:
             from mobile_sd.runtimes.coreml.model import MilModel
 
+            # First: its loader checks the package (ML Program, weights, blobs) in one line.
             self.engine, self.model = "mil", MilModel(self.path, mode=mode)
+        spec = ct.models.MLModel(str(path), skip_model_load=True).get_spec()
+        described = spec.description
+        check_io(str(path), "input", inputs, _sorted_like(inputs, coreml_io(described.input)))
+        check_io(str(path), "output", outputs, _sorted_like(outputs, coreml_io(described.output)))
 
     def feed(self, tensors) -> dict:
         """The inputs by name, as numpy (what both Core ML and the MIL runtime take)."""
