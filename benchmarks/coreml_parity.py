@@ -188,7 +188,7 @@ def main() -> None:
     if args.results is not None:
         _common.RESULTS = args.results
     notes = [f"spec {args.spec}" + (f", latent {args.latent_size}" if args.latent_size else ""),
-             f"bars (6-bit bundle): " + ", ".join(
+             "bars (6-bit bundle): " + ", ".join(
                  f"{k} {verdict[k]:.2f} <= {BARS[k]:g}: {'met' if met[k] else 'NOT met'}"
                  for k in BARS),
              "PSNR vs the fp32 original (worst sample); as typed = fp16 vars rounded to fp16, "

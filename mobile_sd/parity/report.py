@@ -194,6 +194,8 @@ def terminal_lines(report: dict) -> list[str]:
         lines.append(f"{app['status'].upper():4s}  swift app    {len(app['prompts'])} prompts: "
                      f"min PSNR {app['min_psnr_db']:.1f} dB (>= {app['gate_min_psnr_db']:g}), "
                      f"DPM-Solver++ as the app sets it up")
+    elif app:
+        lines.append(f"{app['status'].upper():4s}  swift app: {app.get('reason')}")
     s = report["summary"]
     lines.append(f"parity {report['artifact']['path']}: {s['status'].upper()} ({s['passed']} passed, "
                  f"{s['failed']} failed, {s['skipped']} skipped); report: "

@@ -136,7 +136,11 @@ def _swift_app(folder: Path, model, manifest, options: ParityOptions) -> dict:
     gate = Budget.from_manifest(manifest).e2e_min_psnr_db
     rows = []
     for i, prompt in enumerate(options.prompts):
-        row = check_bundle(folder, model, prompt, options.seed + i, options.coreml_mode)
+        try:
+            row = check_bundle(folder, model, prompt, options.seed + i, options.coreml_mode)
+        except Exception as exc:  # noqa: BLE001 - a package that crashes the app fails it
+            return {"status": "fail", "gate_min_psnr_db": gate,
+                    "reason": f"{type(exc).__name__}: {str(exc).strip()[:300]}"}
         row.pop("_images")
         rows.append(row)
     worst_psnr = min(r["psnr_db"] for r in rows)

@@ -24,28 +24,43 @@ def _parity(cli, folder, out, *extra):
     return code, stdout + stderr, report
 
 
+# ios-sd15-swift palettizes the decoder too (6-bit, one LUT per tensor): on snapfusion-tiny's
+# random weights that costs ~35 dB, under the default 40 dB component gate. Parity must say so
+# (a FAIL, located as accumulated palette error), not hide it; the recipe's budget (a decoder
+# min_psnr_db, or no palette on the decoder) is its owner's call.
+BELOW_GATE = {"ios-sd15-swift": {"decoder"}}
+
+
 @pytest.mark.parametrize("recipe", SHIPPED)
-def test_shipped_ios_recipe_passes_parity_with_real_coreml_rows(recipe, cli, tmp_path):
+def test_shipped_ios_recipe_through_parity_with_real_coreml_rows(recipe, cli, tmp_path):
     folder = export(recipe, SPEC)
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["components"]["unet"]["surgery"][-1] == "v_to_epsilon"
     assert manifest["pipeline"]["swift_app"]["unet_output"] == "epsilon"
     code, out, report = _parity(cli, folder, tmp_path / "report")
     print(out)
-    assert code == 0, out
+    below = BELOW_GATE.get(recipe, set())
+    assert code == (1 if below else 0), out
     rows = out.strip().splitlines()[:-1]           # the last line is the summary
     assert rows and not any("skip" in row.lower() for row in rows), out
     assert all("lowering n/a" in row for row in rows[:3]), out
     for name, comp in report["components"].items():
-        assert comp["runtime"] == "coreml" and comp["status"] == "pass", (name, comp)
+        assert comp["runtime"] == "coreml" and comp["inputs"]["pipeline"] > 0, (name, comp)
         fp32 = comp["tiers"]["fp32"]
-        assert fp32["status"] == "pass" and fp32["worst"]["psnr_db"] >= 40, (name, fp32)
-        assert comp["inputs"]["pipeline"] > 0
         assert "fp16 loss" in comp["tiers"]["lowering"]["reason"]
+        if name in below:
+            assert comp["status"] == "fail" and 30 <= fp32["worst"]["psnr_db"] < 40, fp32
+            # every palettized conv adds a little: no single op to blame, and the locator
+            # says so (naming the worst weights) instead of inventing one
+            loc = comp["locator"]
+            assert loc["status"] == "not_found" and "accumulates" in loc["reason"], loc
+            assert loc["weights_worst"][0]["name"].endswith("_palettized"), loc
+        else:
+            assert comp["status"] == "pass" and fp32["worst"]["psnr_db"] >= 40, (name, fp32)
     assert report["e2e"]["status"] == "pass" and report["e2e"]["min_psnr_db"] >= 30
     assert report["swift_app"]["status"] == "pass"
     assert report["swift_app"]["min_psnr_db"] >= 30
-    assert report["summary"] == {"status": "pass", "passed": 5, "failed": 0, "skipped": 0}
+    assert report["summary"]["passed"] == 5 - len(below)
 
 
 def test_fp16_chunked_bundle_chains_its_unet_chunks(cli, tmp_path):

@@ -13,8 +13,7 @@ from mobile_sd.errors import InvalidArgumentError
 from mobile_sd.pipeline.swift_app import (SwiftBPETokenizer, SwiftComponents, SwiftConfiguration,
                                           SwiftDPMSolverMultistepScheduler, SwiftPNDMScheduler,
                                           diffusers_dpmpp_like_swift,
-                                          image_to_uint8, numpy_rng_latents, psnr,
-                                          reference_dpmpp, run_swift_app)
+                                          image_to_uint8, numpy_rng_latents, run_swift_app)
 
 PROMPT = "a photo of a cat"
 
