@@ -56,15 +56,19 @@ def exporters() -> dict[str, Exporter]:
                                   QnnExporter())}
 
 
-def surgery_passes(recipe: Recipe, settings: ResolvedComponent) -> list[str]:
-    """The ordered surgery for one component. Order matters:
+def surgery_passes(recipe: Recipe, settings: ResolvedComponent,
+                   prediction_type: str = "epsilon") -> list[str]:
+    """The ordered surgery for one component (``prediction_type``: what the model's UNet
+    predicts, from its scheduler spec). Order matters:
 
     1. ``linear_to_conv`` first when attention is split-einsum (it runs on the (B,C,1,S)
        layout the pass creates);
     2. the attention kernel;
     3. format rewrites (Core ML fp16 text encoder: fp16-safe mask; XNNPACK: its passes);
     4. the recipe's extra passes;
-    5. ``cfg_fold`` last: it wraps the module and changes its inputs.
+    5. ``cfg_fold`` last: it wraps the module and changes its inputs;
+    6. ``v_to_epsilon`` last (``interface: swift``, v-prediction UNet): Apple's Swift app has
+       epsilon schedulers only, so the wrapper converts the output in the graph.
     """
     passes: list[str] = []
     if settings.attention in ("split_einsum", "split_einsum_v2"):
@@ -79,7 +83,35 @@ def surgery_passes(recipe: Recipe, settings: ResolvedComponent) -> list[str]:
     passes += [p for p in settings.passes if p not in passes]
     if settings.name == "unet" and recipe.cfg == "folded":
         passes.append("cfg_fold")
+    if settings.name == "unet" and recipe.interface == "swift":
+        passes += _swift_output_pass(recipe, prediction_type)
     return passes
+
+
+def _swift_output_pass(recipe: Recipe, prediction_type: str) -> list[str]:
+    """What the Swift app's epsilon-only schedulers need after the UNet."""
+    from mobile_sd.errors import RecipeError
+
+    if prediction_type == "epsilon":
+        return []
+    if prediction_type == "v_prediction":
+        if recipe.cfg == "folded":
+            raise RecipeError(f"recipe {recipe.name!r}: interface 'swift' takes cfg 'batch2' "
+                              "(the app does guidance itself), not 'folded'")
+        return ["v_to_epsilon"]
+    raise RecipeError(f"recipe {recipe.name!r}: interface 'swift' needs an 'epsilon' or "
+                      f"'v_prediction' UNet (the Swift app's schedulers take epsilon); this "
+                      f"model predicts {prediction_type!r}")
+
+
+def _resolve_pass(name: str, spec):
+    """A pass name, or the pass built from the model's spec when it needs the spec's values
+    (``v_to_epsilon``: the training noise schedule)."""
+    if name == "v_to_epsilon":
+        from mobile_sd.surgery.v_to_epsilon import VToEpsilonPass
+
+        return VToEpsilonPass.for_spec(spec.scheduler)
+    return name
 
 
 def build_component(model, name: str, recipe: Recipe, passes: list[str]) -> ExportComponent:
@@ -87,7 +119,7 @@ def build_component(model, name: str, recipe: Recipe, passes: list[str]) -> Expo
     from mobile_sd.surgery import apply_passes
 
     spec = model.spec
-    module = apply_passes(getattr(model, name), passes, name)
+    module = apply_passes(getattr(model, name), [_resolve_pass(p, spec) for p in passes], name)
     latent, chans = recipe.latent_size, spec.decoder.latent_channels
     if name == "text_encoder":
         comp = text_encoder_component(module, spec.text_encoder.max_length,
@@ -120,6 +152,18 @@ def record_reference(model, recipe: Recipe, full: bool):
     return recorder
 
 
+def swift_app_settings(spec) -> dict:
+    """What Apple's Swift app must be set to for this bundle (``PipelineConfiguration``):
+    DPM-Solver++ (its only scheduler besides PNDM that suits few steps), linspace timesteps,
+    NumPy RNG, the model's steps and guidance; the UNet outputs epsilon (``v_to_epsilon``)."""
+    sched = spec.scheduler
+    return {"scheduler": "dpmpp", "steps": sched.default_steps,
+            "guidance": sched.default_guidance, "timestep_spacing": "linspace",
+            "rng": "numpy", "unet_output": "epsilon",
+            "model_prediction_type": sched.prediction_type,
+            "decoder_scale_factor": spec.decoder.scaling_factor}
+
+
 def _new_manifest(recipe: Recipe, model) -> Manifest:
     from mobile_sd.models.folder import scheduler_config
 
@@ -128,6 +172,8 @@ def _new_manifest(recipe: Recipe, model) -> Manifest:
                 "latent_size": recipe.latent_size, "scaling_factor": model.spec.decoder.scaling_factor,
                 "vae_scale_factor": model.spec.decoder.vae_scale_factor,
                 "scheduler": scheduler_config(model.spec.scheduler)}
+    if recipe.interface == "swift":
+        pipeline["swift_app"] = swift_app_settings(model.spec)
     manifest = Manifest.new(recipe.to_dict(), model.source, model.spec.name, pipeline,
                             recipe.format, recipe.backend)
     # What the weights were stored as (the fp32 reference upcasts fp16/bf16 files).
@@ -141,7 +187,8 @@ def _export_one(exporter: Exporter, model, name: str, recipe: Recipe, out: Path,
     settings = recipe.component(name)
     start = time.perf_counter()
     bar.set_postfix_str(f"{name}: surgery")
-    comp = build_component(model, name, recipe, surgery_passes(recipe, settings))
+    passes = surgery_passes(recipe, settings, model.spec.scheduler.prediction_type)
+    comp = build_component(model, name, recipe, passes)
     setattr(model, name, None)  # comp holds the module now; the exporter may free it
     details = exporter.export_component(
         comp, settings, recipe, out, reference,

@@ -13,7 +13,8 @@ Command line: ``mobile-sd parity ARTIFACT_DIR [--model DIR | --spec NAME]`` (see
 :mod:`mobile_sd.commands.parity`). Modules: :mod:`.metrics` (the one implementation of PSNR, SQNR,
 cosine, abs errors, SSIM), :mod:`.runtimes` (load/run/check artifacts), :mod:`.eager` (the
 references), :mod:`.check` (tiers), :mod:`.e2e`, :mod:`.locate` (+ ``locate_onnx``,
-``locate_et``, ``locate_et_taps``), :mod:`.report`, :mod:`.run`.
+``locate_et``, ``locate_et_taps``, ``locate_coreml``), :mod:`.swift_app` (Apple's Swift app
+emulated on a Core ML bundle), :mod:`.report`, :mod:`.run`.
 Heavy libraries are imported inside the functions that use them.
 """
 __all__ = ["ParityOptions", "run_parity", "default_out_dir"]

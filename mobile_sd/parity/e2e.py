@@ -59,13 +59,21 @@ def backend_runners(runners: dict, model, manifest):
     return Runners(**calls), [n for n in calls if n not in runners]
 
 
-def generate_with(runners, model, manifest, prompt: str, seed: int) -> np.ndarray:
-    """One image through ``runners`` with the export's pipeline settings (steps, guidance)."""
+def generate_with(runners, model, manifest, prompt: str, seed: int,
+                  unet_outputs_epsilon: bool = False) -> np.ndarray:
+    """One image through ``runners`` with the export's pipeline settings (steps, guidance).
+    ``unet_outputs_epsilon``: the UNet runner is an export wrapped by ``v_to_epsilon``."""
     from mobile_sd.pipeline.reference import run_pipeline
+
+    import dataclasses
 
     pipe, spec = manifest.pipeline, model.spec
     latent = pipe.get("latent_size", spec.unet.sample_size)
-    result = run_pipeline(runners, model.tokenizer, spec.scheduler, latent, prompt, "", pipe.get("steps", spec.scheduler.default_steps),
+    scheduler = spec.scheduler
+    if unet_outputs_epsilon:
+        # The exported UNet outputs epsilon: the same DDIM, told so (exactly the v trajectory).
+        scheduler = dataclasses.replace(scheduler, prediction_type="epsilon")
+    result = run_pipeline(runners, model.tokenizer, scheduler, latent, prompt, "", pipe.get("steps", spec.scheduler.default_steps),
                           pipe.get("guidance", spec.scheduler.default_guidance), seed,
                           pipe.get("scaling_factor", spec.decoder.scaling_factor),
                           spec.decoder.latent_channels, progress=False)
@@ -79,9 +87,11 @@ def run_e2e(runners: dict, model, manifest: dict, prompts: Sequence[str],
     Returns the report entry, with the generated images under ``"_images"`` (not serialized).
     """
     pipeline, eager_names = backend_runners(runners, model, manifest)
+    unet = manifest.components.get("unet")
+    epsilon = "unet" in runners and unet is not None and "v_to_epsilon" in unet.surgery
     rows, images = [], []
     for i, (prompt, ref) in enumerate(zip(prompts, reference_images)):
-        image = generate_with(pipeline, model, manifest, prompt, seed + i)
+        image = generate_with(pipeline, model, manifest, prompt, seed + i, epsilon)
         images.append(image)
         rows.append({"prompt": prompt, "seed": seed + i, **image_stats(ref, image)})
     worst_psnr = min(r["psnr_db"] for r in rows)

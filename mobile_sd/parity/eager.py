@@ -22,6 +22,9 @@ import torch
 from mobile_sd.export.components import ExportComponent
 from mobile_sd.errors import ParityError
 
+# A tier that does not exist for a format (reported "n/a", not "skipped": nothing was left out).
+NOT_APPLICABLE = "n/a:"
+
 # Recipe fields that shape a component's I/O; the rest (compression...) is not needed here.
 _RECIPE_KEYS = ("name", "format", "backend", "target", "precision", "interface", "latent_size",
                 "cfg", "attention")
@@ -106,8 +109,14 @@ def lowering_reference(comp: ExportComponent, precision: str,
     ``comp`` is the :func:`surgery_component`; fp16 wraps a copy of it.
     """
     if fmt == "coreml":
-        return None, ("Core ML compression / fp16 compute has no eager equivalent here "
-                      "(tier 2 vs the fp32 original still applies)")
+        # The MIL runtime's fp32-widened run of the same package is not a lowering reference:
+        # against the as-typed run it measures fp16 storage loss (~45-60 dB on a UNet), a
+        # precision choice, not a lowering bug, so a 60 dB gate would fail healthy exports.
+        # Conversion error is what the fp32 tier plus the locator (typed vs widened, per op)
+        # already expose; the widened run is reported separately (ParityOptions.coreml_mode).
+        return None, (f"{NOT_APPLICABLE} Core ML palettization / fp16 compute has no eager "
+                      "equivalent; the MIL runtime's fp32-widened run measures fp16 loss, not "
+                      "lowering (tier 2 vs the fp32 original applies)")
     if precision == "fp32":
         return comp.module, None
     if precision == "fp16":
@@ -127,3 +136,24 @@ def record_pipeline(model, manifest, prompts: Sequence[str], seed: int = 0,
     pipe = manifest.pipeline
     return record_runs(model, prompts, pipe.get("steps"),
                        pipe.get("guidance", model.spec.scheduler.default_guidance), seed, progress)
+
+
+def expected_as_exported(original: ExportComponent, samples) -> None:
+    """Recorded outputs are the trained UNet's (v for SnapFusion); a UNet exported with
+    ``v_to_epsilon`` outputs epsilon: convert the recorded outputs in place, exactly as the
+    wrapper does (``eps = a_t * v + s_t * x_t``), so the fp32 tier compares like with like."""
+    from mobile_sd.surgery.v_to_epsilon import VToEpsilonUNet
+
+    wrapper = next((m for m in original.module.modules() if isinstance(m, VToEpsilonUNet)), None)
+    if wrapper is None:
+        return
+    for sample in samples:
+        if sample.expected is None:
+            continue
+        x, t = sample.inputs[0], sample.inputs[1]
+        idx = torch.clamp(torch.round(t.float().reshape(-1)), 0,
+                          wrapper.num_train_timesteps - 1).long()
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        a = wrapper.sqrt_alpha_bar[idx].reshape(shape)
+        s = wrapper.sqrt_one_minus_alpha_bar[idx].reshape(shape)
+        sample.expected = tuple(a * v.float() + s * x.float() for v in sample.expected)

@@ -10,6 +10,10 @@ module names as the exported graph), captured with forward hooks. On the artifac
   compared in execution order and the search enters the first child whose PSNR falls below the
   gate, so a full-size UNet needs one session per tree level, not thousands of outputs.
   Initializers are also compared by name with the reference weights (``weights_differ``).
+* **Core ML** (:func:`mobile_sd.parity.locate_coreml.locate_mil`): the MIL runtime records
+  every op's output, as typed and fp32-widened; fp16 divergence, outlier weights (after the
+  palette / quantization expands) and activations are compared op by op, named by MIL op and
+  by the source module its weight names carry.
 * **ExecuTorch** (:func:`mobile_sd.parity.locate_et.locate_pte`): the program runs with an
   ETDump debug buffer, which records every delegate call's and portable kernel's outputs with
   their debug handles; the ETRecord written at export maps handles to graph nodes and modules.
@@ -52,6 +56,11 @@ def locate(folder, manifest, name: str, runner, surgery, sample, gate_db: float)
 
             result = locate_pte(path, _etrecord_for(folder, manifest, name), sample.inputs,
                                 surgery.module, gate_db, getattr(runner.files[0], "backend", ""))
+        elif runner.runtime == "coreml":
+            from mobile_sd.parity.locate_coreml import locate_mil
+
+            result = locate_mil(path, runner.files[0].feed(sample.inputs), surgery.module,
+                                sample.inputs, gate_db)
         else:
             return {"status": "unavailable", "reason": f"no locator for {runner.runtime}"}
     except Exception as exc:  # noqa: BLE001 - a diagnostic must not hide the verdict

@@ -46,6 +46,8 @@ def summarize(report: dict) -> dict:
     """Fill ``summary``: fail if anything failed; pass if something passed and nothing failed;
     skip when nothing could run here (never counted as a pass)."""
     statuses = [c["status"] for c in report["components"].values()] + [report["e2e"]["status"]]
+    if "swift_app" in report:   # Swift-app bundles: the app emulated on the bundle's files
+        statuses.append(report["swift_app"]["status"])
     counts = {s: statuses.count(s) for s in STATUSES}
     overall = "fail" if counts["fail"] else ("pass" if counts["pass"] else "skip")
     report["summary"] = {"status": overall, "passed": counts["pass"], "failed": counts["fail"],
@@ -86,6 +88,8 @@ def _jsonable(value):
 def _db(tier: dict | None) -> str:
     if not tier:
         return "-"
+    if str(tier.get("reason", "")).startswith("n/a:"):   # eager.NOT_APPLICABLE
+        return "n/a"
     if tier.get("status") == "skip" or "worst" not in tier:
         return "skipped"
     return f"{tier['worst']['psnr_db']:.1f} (>= {tier['gate_min_psnr_db']:g})"
@@ -122,6 +126,9 @@ def render_markdown(report: dict) -> str:
                  comp.get("reason") or _where(comp)]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     lines += ["", "## End to end", ""] + _e2e_lines(report)
+    if "swift_app" in report:
+        lines += ["", "## Swift app (emulated on the bundle's files, MIL runtime)", ""]
+        lines += _swift_app_lines(report["swift_app"])
     skipped = art.get("export_skipped") or []
     if skipped:
         lines += ["", "## Not verified at export", ""]
@@ -144,6 +151,18 @@ def _e2e_lines(report: dict) -> list[str]:
     if report["files"].get("grid"):
         grid = Path(report["files"]["grid"]).name
         lines += ["", f"![reference, export, amplified difference]({grid})"]
+    return lines
+
+
+def _swift_app_lines(app: dict) -> list[str]:
+    if "min_psnr_db" not in app:
+        return [f"{app['status'].upper()}: {app.get('reason')}"]
+    lines = [f"**{app['status'].upper()}**: min image PSNR {app['min_psnr_db']:.2f} dB (gate "
+             f"{app['gate_min_psnr_db']:g}) vs the fp32 pipeline with the app's scheduler; "
+             f"min SSIM {app['min_ssim']:.4f}. App settings: `{app['settings']}`", "",
+             "| prompt | seed | PSNR dB | SSIM | seconds |", "|---|---|---|---|---|"]
+    lines += [f"| {r['prompt']} | {r['seed']} | {r['psnr_db']:.2f} | {r['ssim']:.4f} | "
+              f"{r['seconds']:.1f} |" for r in app["prompts"]]
     return lines
 
 
@@ -170,6 +189,13 @@ def terminal_lines(report: dict) -> list[str]:
         lines.append(f"{e2e['status'].upper():4s}  e2e          {len(e2e['prompts'])} prompts: "
                      f"min PSNR {e2e['min_psnr_db']:.1f} dB (>= {e2e['gate_min_psnr_db']:g}), "
                      f"min SSIM {e2e['min_ssim']:.4f}")
+    app = report.get("swift_app")
+    if app and "min_psnr_db" in app:
+        lines.append(f"{app['status'].upper():4s}  swift app    {len(app['prompts'])} prompts: "
+                     f"min PSNR {app['min_psnr_db']:.1f} dB (>= {app['gate_min_psnr_db']:g}), "
+                     f"DPM-Solver++ as the app sets it up")
+    elif app:
+        lines.append(f"{app['status'].upper():4s}  swift app: {app.get('reason')}")
     s = report["summary"]
     lines.append(f"parity {report['artifact']['path']}: {s['status'].upper()} ({s['passed']} passed, "
                  f"{s['failed']} failed, {s['skipped']} skipped); report: "

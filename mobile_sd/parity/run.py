@@ -29,6 +29,10 @@ class ParityOptions:
     locate: bool = True
     num_threads: int | None = None
     progress: bool = False
+    # Core ML off macOS: "typed" (fp16 vars stay fp16, as shipped) or "fp32" (widened).
+    coreml_mode: str = "typed"
+    # Swift-app bundles (pipeline.swift_app in the manifest): emulate the app on the bundle.
+    swift_app: bool = True
 
 
 def _open_all(folder: Path, manifest, names, options: ParityOptions):
@@ -40,7 +44,8 @@ def _open_all(folder: Path, manifest, names, options: ParityOptions):
         entries[name] = {"files": [f.to_dict() for f in comp.files], "status": "skip",
                          "precision": _precision(manifest, name)}
         try:
-            runners[name] = open_component(folder, manifest, name, options.num_threads)
+            runners[name] = open_component(folder, manifest, name, options.num_threads,
+                                           options.coreml_mode)
             entries[name]["runtime"] = runners[name].runtime
         except RuntimeSkip as skip:
             entries[name]["reason"] = skip.reason
@@ -63,6 +68,7 @@ def _check_one(folder, manifest, name, runner, model, recorder, options) -> dict
     lowering, reason = eager.lowering_reference(surgery, _precision(manifest, name),
                                                 manifest.format)
     samples = make_samples(original, recorder, options.random_inputs, options.seed)
+    eager.expected_as_exported(original, samples)
 
     def where(sample, gate):
         return locate(folder, manifest, name, runner, surgery, sample, gate)
@@ -114,9 +120,33 @@ def run_parity(folder: str | Path, model, options: ParityOptions | None = None,
         gc.collect()  # free this component's eager copies before the next one
     out = Path(out_dir) if out_dir is not None else default_out_dir(folder)
     report["e2e"] = _e2e(runners, entries, model, manifest, options, images, out, report)
+    if options.swift_app and "swift_app" in pipe and options.e2e:
+        report["swift_app"] = _swift_app(folder, model, manifest, options)
     summarize(report)
     write_report(report, out)
     return report
+
+
+def _swift_app(folder: Path, model, manifest, options: ParityOptions) -> dict:
+    """Apple's Swift app emulated on the bundle's own files (MIL runtime), against the fp32
+    pipeline with the app's scheduler; gated like end to end."""
+    from mobile_sd.parity.check import Budget
+    from mobile_sd.parity.swift_app import check_bundle
+
+    gate = Budget.from_manifest(manifest).e2e_min_psnr_db
+    rows = []
+    for i, prompt in enumerate(options.prompts):
+        try:
+            row = check_bundle(folder, model, prompt, options.seed + i, options.coreml_mode)
+        except Exception as exc:  # noqa: BLE001 - a package that crashes the app fails it
+            return {"status": "fail", "gate_min_psnr_db": gate,
+                    "reason": f"{type(exc).__name__}: {str(exc).strip()[:300]}"}
+        row.pop("_images")
+        rows.append(row)
+    worst_psnr = min(r["psnr_db"] for r in rows)
+    return {"status": "pass" if worst_psnr >= gate else "fail", "gate_min_psnr_db": gate,
+            "min_psnr_db": worst_psnr, "min_ssim": min(r["ssim"] for r in rows),
+            "settings": manifest.pipeline["swift_app"], "prompts": rows}
 
 
 def default_out_dir(folder: Path) -> Path:

@@ -6,8 +6,8 @@
 * ``.onnx``: onnxruntime, CPU provider (:mod:`.ort`).
 * ``qnn_context`` (an EPContext ``.onnx`` + its ``_qnn.bin``): onnxruntime's QNN EP, on this
   host the QAIRT HTP emulator (:mod:`.qnn.runner`); skipped when onnxruntime-qnn is missing.
-* ``.mlpackage``: Core ML predictions only on macOS (:mod:`.coreml`); elsewhere its I/O is still
-  checked against the manifest, then it is skipped with the reason.
+* ``.mlpackage``: I/O checked against the manifest, then Core ML itself on macOS, the MIL
+  runtime (:mod:`.coreml`, an interpreter of the saved ML Program) everywhere else.
 
 A chunked component (several runnable files, each with its own ``inputs``/``outputs`` in the
 manifest) runs chunk by chunk, each chunk taking its inputs by name from the component's inputs
@@ -72,8 +72,9 @@ class ComponentRunner:
 
 
 def open_component(folder: str | Path, manifest: Manifest, name: str,
-                   num_threads: int | None = None) -> ComponentRunner:
-    """A runner for component ``name`` of the export in ``folder``.
+                   num_threads: int | None = None, coreml_mode: str = "typed") -> ComponentRunner:
+    """A runner for component ``name`` of the export in ``folder`` (``coreml_mode``: how the
+    MIL runtime runs Core ML packages off macOS, ``typed`` or ``fp32``-widened).
 
     Raises :class:`RuntimeSkip` when it cannot run on this host and :class:`ParityError` when
     the artifact does not match its manifest.
@@ -95,12 +96,30 @@ def open_component(folder: str | Path, manifest: Manifest, name: str,
         ins = entry.inputs if chunked else comp.inputs
         outs = entry.outputs if chunked else comp.outputs
         runners.append(_open_file(Path(folder) / entry.path, entry, manifest, ins, outs,
-                                  num_threads))
+                                  num_threads, coreml_mode))
+    if chunked:
+        _check_chain(name, comp.inputs, comp.outputs, runners)
     return ComponentRunner(name, comp.inputs, comp.outputs, runners)
 
 
+def _check_chain(name: str, inputs, outputs, runners) -> None:
+    """Chunks chain by name (Swift's ``Unet.swift``): each chunk's inputs come from the
+    component's inputs or an earlier chunk's outputs; the last chunks give the outputs."""
+    available = {s.name: tuple(s.shape) for s in inputs}
+    for runner in runners:
+        bad = [s.name for s in runner.inputs if available.get(s.name) != tuple(s.shape)]
+        if bad:
+            raise ParityError(f"{runner.path.name}: inputs {bad} are neither {name} inputs nor "
+                              "earlier chunk outputs of that shape: the chunks do not chain; "
+                              "re-export")
+        available.update({s.name: tuple(s.shape) for s in runner.outputs})
+    missing = [s.name for s in outputs if s.name not in available]
+    if missing:
+        raise ParityError(f"{name}: no chunk produces the outputs {missing}; re-export")
+
+
 def _open_file(path: Path, entry: FileEntry, manifest: Manifest, ins, outs,
-               num_threads) -> FileRunner:
+               num_threads, coreml_mode: str = "typed") -> FileRunner:
     kind = RUNNABLE[entry.format]
     if kind == "executorch":
         try:
@@ -119,4 +138,4 @@ def _open_file(path: Path, entry: FileEntry, manifest: Manifest, ins, outs,
         return QnnContextRunner(path, ins, outs, manifest)
     from mobile_sd.runtimes.coreml.runner import CoreMLRunner
 
-    return CoreMLRunner(path, ins, outs)
+    return CoreMLRunner(path, ins, outs, coreml_mode)

@@ -15,6 +15,7 @@ xnnpack_upsample           unet, decoder                nearest 2x upsample fold
 xnnpack_geglu              unet                         GEGLU's chunk as two slices
 xnnpack_attention          unet, text_encoder, decoder  softmax scale folded into the query
 xnnpack_conv_split         unet, decoder                fp32 convs over > 640 input channels chunked
+v_to_epsilon               unet                         v-prediction output as epsilon (Swift app)
 ========================== ============================ ==============================================
 
 The ``xnnpack_*`` passes are written as modules (module-level ``applies_to`` and
@@ -64,6 +65,7 @@ _PASSES: dict[str, tuple[str, str | None]] = {
     "xnnpack_geglu": ("mobile_sd.surgery.xnnpack_geglu", None),
     "xnnpack_attention": ("mobile_sd.surgery.xnnpack_attention", None),
     "xnnpack_conv_split": ("mobile_sd.surgery.xnnpack_conv_split", None),
+    "v_to_epsilon": ("mobile_sd.surgery.v_to_epsilon", "VToEpsilonPass"),
 }
 PASS_NAMES: tuple[str, ...] = tuple(_PASSES)
 # Each of these picks the attention kernel; a list naming two of them is a mistake.

@@ -2,8 +2,8 @@
 
 Each folder is made by the real command line (``python -m mobile_sd.cli export --recipe R``)
 and cached across test sessions under ``$MOBILE_SD_MIL_TEST_CACHE`` (default: the system temp
-dir), keyed by the recipe text and the sources under ``mobile_sd/`` (the runtime excluded), so
-a change to the exporter or a recipe re-exports. A cold cache costs ~1.5-2 min per recipe.
+dir), keyed by the recipe text and the sources under ``mobile_sd/`` (the layers above the export:
+runtimes, parity, bench, report, excluded), so a change to the exporter or a recipe re-exports. A cold cache costs ~1.5-2 min per recipe.
 """
 from __future__ import annotations
 
@@ -37,10 +37,22 @@ attention: split_einsum_v2
 """
 
 
+# Packages that cannot change what an export writes (they sit above it or only run artifacts).
+_NOT_EXPORT = frozenset({"runtimes", "parity", "bench", "report"})
+
+
+# The Swift contract at fp16 without palettes (what "the fp16 bundle" means in the parity
+# tests), its tiny UNet (~1.4 MB fp16) split into UnetChunk1 + UnetChunk2 like a full-size one.
+FP16_CHUNKED_VARIANT = FP32_VARIANT.replace("test-ios-fp32", "test-ios-fp16-chunked").replace(
+    "Core ML fp32", "Core ML fp16, UNet in two chunks").replace(
+    "precision: fp32", "precision: fp16") + "unet_chunk_max_bytes: 1000000\n"
+VARIANTS = {"test-ios-fp32": FP32_VARIANT, "test-ios-fp16-chunked": FP16_CHUNKED_VARIANT}
+
+
 def _source_key(recipe_text: str, spec: str) -> str:
     h = hashlib.sha256(recipe_text.encode() + spec.encode())
     for path in sorted((ROOT / "mobile_sd").rglob("*")):
-        if path.suffix in (".py", ".yaml") and "runtimes" not in path.parts:
+        if path.suffix in (".py", ".yaml") and not _NOT_EXPORT.intersection(path.parts):
             h.update(str(path.relative_to(ROOT)).encode())
             h.update(path.read_bytes())
     return h.hexdigest()[:16]
@@ -52,9 +64,9 @@ def cache_dir() -> Path:
 
 
 def export(recipe: str, spec: str = "snapfusion-tiny") -> Path:
-    """The export folder of ``recipe`` (a shipped recipe name, or ``test-ios-fp32``)."""
-    if recipe == "test-ios-fp32":
-        text = FP32_VARIANT
+    """The export folder of ``recipe`` (a shipped recipe name, or one of ``VARIANTS``)."""
+    if recipe in VARIANTS:
+        text = VARIANTS[recipe]
     else:
         text = (RECIPES / f"{recipe}.yaml").read_text()
     out = cache_dir() / f"{recipe}-{spec}-{_source_key(text, spec)}"
@@ -100,8 +112,23 @@ def reference_call(folder: Path, component: str):
             if call["component"] == component:
                 ins = {k: f.get_tensor(f"{i:05d}/in/{k}") for k in call["inputs"]}
                 outs = {k: f.get_tensor(f"{i:05d}/out/{k}") for k in call["outputs"]}
-                return ins, outs
+                return ins, _as_exported(folder, component, ins, outs)
     raise KeyError(f"{path}: no recorded call of {component}")
+
+
+def _as_exported(folder: Path, component: str, ins: dict, outs: dict) -> dict:
+    """The recorded fp32 outputs as the export's contract has them: a UNet exported with
+    ``v_to_epsilon`` outputs epsilon where the recorded (v-prediction) UNet gave v."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    if "v_to_epsilon" not in manifest["components"].get(component, {}).get("surgery", []):
+        return outs
+    from mobile_sd.surgery.v_to_epsilon import alphas_cumprod
+
+    alpha_bar = alphas_cumprod().numpy()    # the tiny specs train on SD's schedule
+    t = np.clip(np.round(ins["timestep"]), 0, len(alpha_bar) - 1).astype(np.int64)
+    a = np.sqrt(alpha_bar[t]).reshape(-1, 1, 1, 1)
+    s = np.sqrt(1 - alpha_bar[t]).reshape(-1, 1, 1, 1)
+    return {k: (a * v + s * ins["sample"]).astype(np.float32) for k, v in outs.items()}
 
 
 def package_inputs(model, ins: dict) -> dict:
@@ -111,3 +138,60 @@ def package_inputs(model, ins: dict) -> dict:
 
 def match_output(out: np.ndarray, ref: np.ndarray) -> np.ndarray:
     return ref if ref.shape == out.shape else _adapt(ref, out.shape)
+
+
+def copy_export(folder: Path, dest: Path) -> Path:
+    """A private copy of a cached export folder (tests that break a copy leave the cache)."""
+    shutil.copytree(folder, dest)
+    return dest
+
+
+def resign(folder: Path) -> None:
+    """Record every listed file's current size and sha256 in ``manifest.json``: a package that
+    was *written* wrong (not changed after export), so the runtime, not the hash check, meets it."""
+    from mobile_sd.utils.files import sha256_file, size_bytes
+
+    path = folder / "manifest.json"
+    data = json.loads(path.read_text())
+    entries = [f for c in data["components"].values() for f in c["files"]]
+    for entry in entries + data.get("extra_files", []):
+        target = folder / entry["path"]
+        if target.exists():
+            entry.update(bytes=size_bytes(target), sha256=sha256_file(target))
+    path.write_text(json.dumps(data, indent=2))
+
+
+def lut_blob(package: Path, weight_suffix: str):
+    """(weight name, weight file, LUT data offset, LUT values) of the palettized weight whose
+    name ends with ``weight_suffix`` (module prefixes vary with wrapper passes)."""
+    import struct
+
+    import coremltools as ct
+
+    spec = ct.models.MLModel(str(package), skip_model_load=True).get_spec()
+    ops = next(iter(spec.mlProgram.functions["main"].block_specializations.values())).operations
+    lut_op = next(op for op in ops if op.type == "constexpr_lut_to_dense"
+                  and op.outputs[0].name.endswith(weight_suffix))
+    blob = lut_op.inputs["lut"].arguments[0].value.blobFileValue
+    wfile = package / "Data" / "com.apple.CoreML" / "weights" / blob.fileName.split("/")[-1]
+    with open(wfile, "rb") as fh:
+        fh.seek(blob.offset)
+        _, _, nbytes, data_offset = struct.unpack("<IIQQ", fh.read(24))
+        fh.seek(data_offset)
+        lut = np.frombuffer(fh.read(nbytes), np.float16).copy()
+    return lut_op.outputs[0].name, wfile, data_offset, lut
+
+
+def corrupt_lut_entry(package: Path, weight_suffix: str) -> str:
+    """Give the most used palette entry of one palettized weight a wrong value (like a LUT
+    written in the wrong order), in place. Returns the weight's name."""
+    from mobile_sd.runtimes.coreml import load_package
+
+    name, wfile, offset, lut = lut_blob(package, weight_suffix)
+    lut_op = next(op for op in load_package(package).function.operations
+                  if op.op_type == "constexpr_lut_to_dense" and op.outputs[0].name == name)
+    entry = int(np.bincount(lut_op.indices.val.reshape(-1).astype(np.int64)).argmax())
+    with open(wfile, "r+b") as fh:
+        fh.seek(offset + 2 * entry)
+        fh.write(np.float16(-4.0 * float(np.abs(lut).max())).tobytes())
+    return name

@@ -56,16 +56,16 @@ def test_correct_executorch_export_passes_with_eager_rest(exports, cli, tmp_path
 
 
 @pytest.mark.skipif(platform.system() == "Darwin", reason="Core ML runs on macOS")
-def test_coreml_is_reported_as_skipped_never_passed(exports, cli, tmp_path):
+def test_coreml_runs_on_the_mil_runtime_off_macos(exports, cli, tmp_path):
+    """Off macOS a Core ML package is executed by the MIL runtime: a real row, never a skip."""
     folder = exports.export_folder("coreml", ("decoder",))
-    code, out, _ = parity(cli, folder, tmp_path / "report")
-    assert code == 0
-    assert "SKIP  decoder      decoder.mlpackage: Core ML predictions run only on macOS" in out
+    code, out, _ = parity(cli, folder, tmp_path / "report", "--fail-on-skip")
+    assert code == 0, out
+    assert "PASS  decoder      decoder.mlpackage [coreml fp32]: fp32" in out
     report = json.loads((tmp_path / "report" / "parity.json").read_text())
-    assert report["summary"] == {"status": "skip", "passed": 0, "failed": 0, "skipped": 2}
-    assert "macOS" in report["e2e"]["reason"]
-    code, _, _ = parity(cli, folder, tmp_path / "report2", "--fail-on-skip")
-    assert code == 1
+    assert report["summary"] == {"status": "pass", "passed": 2, "failed": 0, "skipped": 0}
+    decoder = report["components"]["decoder"]
+    assert decoder["runtime"] == "coreml" and decoder["tiers"]["fp32"]["worst"]["psnr_db"] > 60
 
 
 def test_missing_runtime_is_an_explicit_skip(exports, cli, tmp_path, monkeypatch):

@@ -3,14 +3,14 @@ eager fp32 modules, a corrupted palette located by the recorded values, fp16 ove
 from __future__ import annotations
 
 import shutil
-import struct
 
 import numpy as np
 import pytest
 import torch
 
-from mobile_sd.runtimes.coreml import MilModel, first_divergence, load_package, psnr
-from tests.helpers.mil_exports import export, match_output, package_inputs, reference_call
+from mobile_sd.runtimes.coreml import MilModel, first_divergence, psnr
+from tests.helpers.mil_exports import (corrupt_lut_entry, export, match_output, package_inputs,
+                                      reference_call)
 
 SHIPPED = [("ios-snapfusion-fast", "snapfusion-tiny"), ("ios-snapfusion-swift", "snapfusion-tiny"),
            ("ios-sd15-swift", "sd15-tiny")]
@@ -55,41 +55,13 @@ def test_fp32_export_matches_eager_to_conversion_error():
             assert value > 115.0, (component, mode, value)
 
 
-def _lut_blob(package, weight_name):
-    """(weight file, LUT data offset, LUT values) of a palettized weight's constexpr op."""
-    import coremltools as ct
-
-    spec = ct.models.MLModel(str(package), skip_model_load=True).get_spec()
-    ops = next(iter(spec.mlProgram.functions["main"].block_specializations.values())).operations
-    lut_op = next(op for op in ops if op.type == "constexpr_lut_to_dense"
-                  and op.outputs[0].name == weight_name)
-    blob = lut_op.inputs["lut"].arguments[0].value.blobFileValue
-    wfile = package / "Data" / "com.apple.CoreML" / "weights" / blob.fileName.split("/")[-1]
-    with open(wfile, "rb") as fh:
-        fh.seek(blob.offset)
-        _, _, nbytes, data_offset = struct.unpack("<IIQQ", fh.read(24))
-        fh.seek(data_offset)
-        lut = np.frombuffer(fh.read(nbytes), np.float16).copy()
-    return wfile, data_offset, lut
-
-
 def test_corrupted_palette_lowers_psnr_and_is_located(tmp_path):
     folder = export("ios-snapfusion-fast")
-    weight = "p_unet_down_blocks_1_resnets_0_conv1_weight_to_fp16_palettized"
     bad = tmp_path / "Unet.mlpackage"
     shutil.copytree(folder / "Unet.mlpackage", bad)
     for extra in ("manifest.json", "reference_io.safetensors"):
         shutil.copy(folder / extra, tmp_path / extra)
-    wfile, offset, lut = _lut_blob(bad, weight)
-    # the most used palette entry gets a wrong value (like a LUT written in the wrong order)
-    lut_op = next(op for op in load_package(folder / "Unet.mlpackage").function.operations
-                  if op.op_type == "constexpr_lut_to_dense" and op.outputs[0].name == weight)
-    entry = int(np.bincount(lut_op.indices.val.reshape(-1).astype(np.int64)).argmax())
-    corrupt = lut.copy()
-    corrupt[entry] = np.float16(-4.0 * float(np.abs(lut).max()))
-    with open(wfile, "r+b") as fh:
-        fh.seek(offset + 2 * entry)
-        fh.write(corrupt[entry:entry + 1].tobytes())
+    weight = corrupt_lut_entry(bad, "down_blocks_1_resnets_0_conv1_weight_to_fp16_palettized")
 
     good_psnr, good_model, (_, good_rec) = _run(folder, "unet", "typed", record=True)
     bad_psnr, bad_model, (_, bad_rec) = _run(tmp_path, "unet", "typed", record=True)

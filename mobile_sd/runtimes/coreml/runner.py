@@ -1,5 +1,6 @@
-"""Core ML packages on this host: I/O always checked against the manifest; predictions through
-Core ML itself only on macOS."""
+"""Core ML packages on this host, for parity: I/O always checked against the manifest, then
+predictions through Core ML itself on macOS and through the MIL runtime (:class:`MilModel`,
+this package) everywhere else, so a Core ML row is a real check on Linux too."""
 from __future__ import annotations
 
 import platform
@@ -11,32 +12,39 @@ from mobile_sd.runtimes.io import FileRunner, RuntimeSkip, check_io
 
 
 class CoreMLRunner(FileRunner):
-    """A Core ML package; predictions only on macOS (inputs and outputs by name)."""
+    """A Core ML package (inputs and outputs by name). ``engine`` says what runs it:
+    ``coreml`` (macOS) or ``mil`` (the MIL interpreter, ``mode`` typed or fp32)."""
     runtime = "coreml"
 
-    def __init__(self, path: Path, inputs, outputs):
+    def __init__(self, path: Path, inputs, outputs, mode: str = "typed"):
         try:
             import coremltools as ct
         except ImportError as exc:
             raise RuntimeSkip("coremltools is not installed") from exc
-        self.path, self.inputs, self.outputs = path, inputs, outputs
+        self.path, self.inputs, self.outputs = Path(path), inputs, outputs
+        self.mode = mode
         on_mac = platform.system() == "Darwin"
-        model = ct.models.MLModel(str(path), skip_model_load=not on_mac)
-        described = model.get_spec().description
+        if on_mac and mode == "typed":
+            self.engine, self.model = "coreml", ct.models.MLModel(str(path))
+        else:
+            from mobile_sd.runtimes.coreml.model import MilModel
+
+            # First: its loader checks the package (ML Program, weights, blobs) in one line.
+            self.engine, self.model = "mil", MilModel(self.path, mode=mode)
+        spec = ct.models.MLModel(str(path), skip_model_load=True).get_spec()
+        described = spec.description
         check_io(str(path), "input", inputs, _sorted_like(inputs, coreml_io(described.input)))
         check_io(str(path), "output", outputs, _sorted_like(outputs, coreml_io(described.output)))
-        if not on_mac:
-            raise RuntimeSkip(f"Core ML predictions run only on macOS (this host is "
-                              f"{platform.system()}); the package's I/O was checked against the "
-                              "manifest")
-        self.model = model
+
+    def feed(self, tensors) -> dict:
+        """The inputs by name, as numpy (what both Core ML and the MIL runtime take)."""
+        return {spec.name: t.detach().numpy() for spec, t in zip(self.inputs, tensors)}
 
     def run(self, tensors):
         import numpy as np
         import torch
 
-        feed = {spec.name: t.numpy() for spec, t in zip(self.inputs, tensors)}
-        result = self.model.predict(feed)
+        result = self.model.predict(self.feed(tensors))
         return [torch.from_numpy(np.asarray(result[o.name])) for o in self.outputs]
 
 

@@ -127,8 +127,10 @@ def _original_weights(spec: str, recipe_name: str, component: str) -> dict[str, 
 
     recipe = load_recipe(ROOT / "export_recipes" / recipe_name)
     recipe = dataclasses.replace(recipe, latent_size=16)
-    comp = build_component(build_model(spec), component, recipe,
-                           surgery_passes(recipe, recipe.component(component)))
+    model = build_model(spec)
+    comp = build_component(model, component, recipe,
+                           surgery_passes(recipe, recipe.component(component),
+                                          model.spec.scheduler.prediction_type))
     return {coreml_const_name(n): p.detach().numpy().astype(np.float16)
             for n, p in comp.module.named_parameters()}
 
