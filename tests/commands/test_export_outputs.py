@@ -17,7 +17,8 @@ import pytest
 from tests.commands.test_hostile_cli import snapshot
 from tests.helpers.paths import RECIPES, REPO
 
-RECIPE_FILES = {"onnx": "onnx-snapfusion.yaml", "executorch": "android-snapfusion-xnnpack-fp32.yaml"}
+RECIPE_FILES = {"onnx": "onnx-snapfusion.yaml", "executorch": "android-snapfusion-xnnpack-fp32.yaml",
+                "coreml": "ios-snapfusion-swift.yaml"}
 
 
 def _export_argv(recipe: str, out: Path, *extra) -> list:
@@ -49,7 +50,8 @@ def test_exporting_twice_gives_identical_files_and_force_replaces_our_export(rec
     assert _listed_hashes(first) == _listed_hashes(out)
     if recipe == "executorch":
         assert any(name.endswith(".etrecord") for name in a)
-    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in out.iterdir()}
+    modes = {str(p.relative_to(out)): oct(p.stat().st_mode & 0o777)
+             for p in out.rglob("*") if p.is_file()}
     assert set(modes.values()) == {"0o644"}, modes
     assert sorted(p.name for p in tmp_path.iterdir()) == ["first", "out"]  # no leftovers
 

@@ -67,6 +67,7 @@ def bisect_package(package: Path, out_dir: Path, max_bytes: int | None = None) -
     import coremltools as ct
 
     from mobile_sd.export.coreml.inspect import describe_io
+    from mobile_sd.export.coreml.reproducible import make_reproducible
 
     package, out_dir = Path(package), Path(out_dir)
     original = describe_io(package)
@@ -79,6 +80,7 @@ def bisect_package(package: Path, out_dir: Path, max_bytes: int | None = None) -
         stem = package.stem
         for i, final in enumerate(finals, start=1):
             (work / f"{stem}_chunk{i}.mlpackage").rename(final)
+            make_reproducible(final)
         chunks = [_chunk(path) for path in finals]
         check_chain(original, chunks)
         _check_sizes(chunks, max_bytes)

@@ -165,9 +165,12 @@ def save_package(mlmodel: Any, path: Path) -> Path:
 
     A failed save removes what it wrote, so no half package is left under the final name.
     """
+    from mobile_sd.export.coreml.reproducible import make_reproducible
+
     path = Path(path)
     try:
         mlmodel.save(str(path))
+        make_reproducible(path)   # same inputs, same bytes (no random item ids)
     except BaseException as exc:
         shutil.rmtree(path, ignore_errors=True)
         if isinstance(exc, OSError):  # shutil.Error (from copytree) included
