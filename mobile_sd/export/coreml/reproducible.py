@@ -4,7 +4,8 @@ coremltools writes a random UUID per item into the package's ``Manifest.json`` a
 the model spec's metadata map in no fixed order, so two saves of the same program differ in
 bytes (weights and program are identical). The identifiers are arbitrary keys that only have to
 be unique within the package: they are replaced by UUIDs derived from each item's path, and the
-spec is re-serialized deterministically. Core ML reads the result like any package.
+spec is re-serialized deterministically. Core ML reads the result like any package. Files
+get the mode every other output has (0644).
 """
 from __future__ import annotations
 
@@ -35,4 +36,7 @@ def make_reproducible(package: Path) -> Path:
         spec = Model_pb2.Model()
         spec.ParseFromString(spec_path.read_bytes())
         spec_path.write_bytes(spec.SerializeToString(deterministic=True))
+    for path in package.rglob("*"):   # coremltools leaves the spec 0600 (a temp file's mode)
+        if path.is_file():
+            path.chmod(0o644)
     return package
