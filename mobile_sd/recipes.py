@@ -96,7 +96,8 @@ class ExecuTorchOptions:
 
 @dataclass(frozen=True)
 class OnnxOptions:
-    """Options of ``format: onnx``."""
+    """Options of ``format: onnx`` (the folder layout follows ``interface``: ``optimum`` writes
+    the diffusers/optimum ONNX folder, see ``mobile_sd/export/onnx/optimum.py``)."""
     onnx_opset: int = 20
 
     def problems(self, recipe: "Recipe"):
@@ -144,7 +145,7 @@ class Recipe:
     backend: Literal["coreml", "xnnpack", "qnn", "onnxruntime", "htp"] = "coreml"
     target: Literal["iOS17", "iOS18", "android", "host"] = "iOS17"
     precision: Precision = "fp16"
-    interface: Literal["native", "swift"] = "native"
+    interface: Literal["native", "swift", "optimum"] = "native"
     latent_size: int = 64
     cfg: Literal["batch2", "folded"] = "batch2"
     attention: Attention = "original"
@@ -264,6 +265,9 @@ def _conflicts(r: Recipe):
     if r.interface == "swift" and (r.format != "coreml" or r.cfg != "batch2"):
         yield ("interface 'swift' (Apple's StableDiffusion Swift package) needs format 'coreml' "
                "and cfg 'batch2': the Swift pipeline runs guidance itself")
+    if r.interface == "optimum" and (r.format != "onnx" or r.cfg != "batch2"):
+        yield ("interface 'optimum' (Hugging Face optimum's ONNX pipeline) needs format 'onnx' "
+               "and cfg 'batch2': optimum's pipeline runs guidance itself")
     apple = r.backend == "coreml"
     if apple and r.target not in ("iOS17", "iOS18"):
         yield f"target {r.target!r} is not a Core ML target; use 'iOS17' or 'iOS18'"

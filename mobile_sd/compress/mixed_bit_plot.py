@@ -16,25 +16,20 @@ def plot_curve(data: dict, path: str | Path, title: str = "Mixed-bit palettizati
 
     ``data`` is ``MixedBitResult.to_json()`` (or the same dict read back from JSON).
     """
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: the process's backend stays as it is
 
-    matplotlib.use("Agg")  # headless; no display needed
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    try:
-        _draw(ax, data)
-        ax.set_xlabel("weights (MiB, LUT + indices + fp16 rest)")
-        ax.set_ylabel("output PSNR (dB) vs fp32")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend(loc="lower right")
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path)
-    finally:
-        plt.close(fig)
+    fig = Figure(figsize=(6.4, 4.2), dpi=120)
+    ax = fig.subplots()
+    _draw(ax, data)
+    ax.set_xlabel("weights (MiB, LUT + indices + fp16 rest)")
+    ax.set_ylabel("output PSNR (dB) vs fp32")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)   # a bare Figure renders with Agg; nothing to close (no pyplot registry)
     return path
 
 

@@ -1,7 +1,7 @@
 """Export components: a tensor-only module, its named static-shape I/O, and how recorded
 pipeline calls map onto its inputs.
 
-Two interfaces:
+Three interfaces:
 
 * ``native`` (ExecuTorch, ONNX): ``input_ids`` int64 [1,77]; UNet ``sample`` [2,4,S,S],
   ``timestep`` [2], ``encoder_hidden_states`` [2,77,D] (``batch2``) or, folded, ``sample``
@@ -10,9 +10,12 @@ Two interfaces:
 * ``swift`` (Core ML, Apple's StableDiffusion Swift package): ``input_ids`` float32 [1,77]
   (the app passes token ids as floats); UNet ``encoder_hidden_states`` [2,D,1,77] (the app
   transposes the embeddings to the ANE's (B,C,1,S) layout); otherwise as native.
+* ``optimum`` (ONNX, Hugging Face optimum's ``ORTStableDiffusionPipeline``): native batch-2
+  shapes under optimum's names, UNet ``timestep`` a scalar (see :data:`OPTIMUM_NAMES`).
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Callable, Literal
 
@@ -23,7 +26,7 @@ from mobile_sd.models.text_encoder import TextEncoder
 from mobile_sd.names import COMPONENT_NAMES  # noqa: F401  (re-exported)
 from mobile_sd.pipeline.recorder import Call
 
-Interface = Literal["native", "swift"]
+Interface = Literal["native", "swift", "optimum"]
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64,
                  "int32": torch.int32}
 
@@ -92,9 +95,10 @@ def text_encoder_component(clip: nn.Module, max_length: int, hidden: int,
     def from_call(call: Call):
         return ((call.inputs["input_ids"].to(_TORCH_DTYPES[dtype]),),
                 (call.outputs["last_hidden_state"],))
-    return ExportComponent("text_encoder", TextEncoder(clip), (ids,),
+    comp = ExportComponent("text_encoder", TextEncoder(clip), (ids,),
                            (TensorSpec("last_hidden_state", (1, max_length, hidden)),),
                            interface, from_call)
+    return optimum_component(comp) if interface == "optimum" else comp
 
 
 def unet_component(unet: nn.Module, latent: int, channels: int, max_length: int, hidden: int,
@@ -125,8 +129,9 @@ def unet_component(unet: nn.Module, latent: int, channels: int, max_length: int,
         if swift:
             ctx = ctx.transpose(1, 2).unsqueeze(2)
         return ((call.inputs["sample"], call.inputs["timestep"], ctx), (call.outputs["noise_pred"],))
-    return ExportComponent("unet", _SwiftUNetIO(unet) if swift else unet, inputs, out,
+    comp = ExportComponent("unet", _SwiftUNetIO(unet) if swift else unet, inputs, out,
                            interface, from_call)
+    return optimum_component(comp) if interface == "optimum" else comp
 
 
 def decoder_component(decoder: nn.Module, latent: int, channels: int,
@@ -135,6 +140,50 @@ def decoder_component(decoder: nn.Module, latent: int, channels: int,
     2^(blocks-1), as diffusers computes it)."""
     def from_call(call: Call):
         return ((call.inputs["z"],), (call.outputs["image"],))
-    return ExportComponent("decoder", decoder, (TensorSpec("z", (1, channels, latent, latent)),),
+    comp = ExportComponent("decoder", decoder, (TensorSpec("z", (1, channels, latent, latent)),),
                            (TensorSpec("image", (1, 3, latent * scale, latent * scale)),),
                            interface, from_call)
+    return optimum_component(comp) if interface == "optimum" else comp
+
+
+# --------------------------------------------------------------------------- optimum (ONNX)
+# diffusers/optimum's ONNX Stable Diffusion I/O (optimum.onnxruntime.modeling_diffusion feeds
+# the sessions by these names): text encoder ``input_ids`` -> ``last_hidden_state``; UNet
+# ``sample``, scalar ``timestep``, ``encoder_hidden_states`` -> ``out_sample``; decoder
+# ``latent_sample`` -> ``sample``.
+OPTIMUM_NAMES = {"text_encoder": (("input_ids",), ("last_hidden_state",)),
+                 "unet": (("sample", "timestep", "encoder_hidden_states"), ("out_sample",)),
+                 "decoder": (("latent_sample",), ("sample",))}
+
+
+def _scalar_timestep(unet: nn.Module) -> nn.Module:
+    """``unet`` taking one scalar ``timestep`` for the whole batch, as optimum's pipeline sends
+    it. Not a wrapper: a shallow twin (same parameters and submodules) whose class overrides
+    ``forward``, so the graph keeps the module's own names (the parity locator maps them)."""
+    base = type(unet)
+
+    class ScalarTimestepUNet(base):
+        def forward(self, sample, timestep, encoder_hidden_states):
+            # expanded in the graph: the batch (1, 2 under CFG, more per prompt) is dynamic
+            return base.forward(self, sample, timestep.expand(sample.shape[0]),
+                                encoder_hidden_states)
+
+    twin = copy.copy(unet)
+    twin.__class__ = ScalarTimestepUNet
+    return twin
+
+
+def optimum_component(comp: ExportComponent) -> ExportComponent:
+    """``comp`` (batch-2 CFG) with optimum's I/O names and scalar timestep."""
+    ins, outs = OPTIMUM_NAMES[comp.name]
+    inputs = tuple(TensorSpec(n, s.shape, s.dtype) for n, s in zip(ins, comp.inputs))
+    outputs = tuple(TensorSpec(n, s.shape, s.dtype) for n, s in zip(outs, comp.outputs))
+    module, from_call = comp.module, comp.from_call
+    if comp.name == "unet":
+        inputs = (inputs[0], TensorSpec("timestep", ()), inputs[2])
+        module = _scalar_timestep(comp.module)
+
+        def from_call(call: Call):   # noqa: F811  (the native mapping, timestep as a scalar)
+            (sample, timestep, context), expected = comp.from_call(call)
+            return (sample, timestep[0], context), expected
+    return ExportComponent(comp.name, module, inputs, outputs, "optimum", from_call, comp.passes)

@@ -86,9 +86,11 @@ class OnnxValues:
                 self.in_scope.setdefault(owner, []).extend(node.output)
 
     def match(self, module: str, shape: tuple) -> str | None:
-        """The value standing for ``module``'s output, or None if none has its shape."""
-        return next((v for v in reversed(self.in_scope.get(module, []))
-                     if self.shapes.get(v) == tuple(shape)), None)
+        """The value standing for ``module``'s output, or None if none has its shape (a
+        dynamic axis, as in optimum-layout graphs, matches any size)."""
+        values = list(reversed(self.in_scope.get(module, [])))
+        return next((v for v in values if self.shapes.get(v) == tuple(shape)), None) or next(
+            (v for v in values if _fits(self.shapes.get(v), shape)), None)
 
     def evaluate(self, modules: Sequence[str], shapes: dict[str, tuple]) -> dict[str, np.ndarray]:
         names = {m: self.match(m, shapes[m]) for m in modules}
@@ -113,6 +115,11 @@ class OnnxValues:
             onnx.save(model, str(copy))
             session = ort.InferenceSession(str(copy), providers=["CPUExecutionProvider"])
             return dict(zip(outputs, session.run(outputs, self.feed)))
+
+
+def _fits(found: tuple | None, shape: tuple) -> bool:
+    return found is not None and len(found) == len(shape) and all(
+        f is None or f == s for f, s in zip(found, shape))
 
 
 def _external_files(model) -> set[str]:

@@ -49,5 +49,16 @@ class OnnxRunner(FileRunner):
         import numpy as np
         import torch
 
-        feed = {spec.name: t.numpy() for spec, t in zip(self.inputs, tensors)}
+        feed = {spec.name: _fit(spec, t).numpy() for spec, t in zip(self.inputs, tensors)}
         return [torch.from_numpy(np.ascontiguousarray(o)) for o in self.session.run(None, feed)]
+
+
+def _fit(spec, tensor):
+    """A scalar graph input (optimum's UNet ``timestep``) given per batch item, as the
+    pipeline holds it: its one value; ParityError when the items differ."""
+    if spec.shape or tensor.dim() != 1:
+        return tensor
+    if not bool((tensor == tensor[0]).all()):
+        raise ParityError(f"input {spec.name!r} is a scalar in the graph but differs across the "
+                          f"batch ({tensor.tolist()[:4]}); one value is needed")
+    return tensor[0]

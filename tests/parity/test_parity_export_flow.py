@@ -54,8 +54,8 @@ def test_edited_initializer_in_a_simplified_onnx_export(cli, exported, tmp_path)
     named down to the layer."""
     folder = tmp_path / "edited"
     shutil.copytree(exported("onnx-snapfusion.yaml"), folder)
-    pe.edit_onnx_initializer(folder / "unet.onnx", "up_blocks.0.resnets.0.conv1.bias")
-    pe.rehash_in_manifest(folder, "unet", "unet.onnx")
+    pe.edit_onnx_initializer(folder / "unet/model.onnx", "up_blocks.0.resnets.0.conv1.bias")
+    pe.rehash_in_manifest(folder, "unet", "unet/model.onnx")
 
     code, out, _ = parity(cli, folder, tmp_path / "report")
     assert code == 1

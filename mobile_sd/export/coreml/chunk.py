@@ -67,6 +67,7 @@ def bisect_package(package: Path, out_dir: Path, max_bytes: int | None = None) -
     import coremltools as ct
 
     from mobile_sd.export.coreml.inspect import describe_io
+    from mobile_sd.export.coreml.progress import coremltools_progress
     from mobile_sd.export.coreml.reproducible import make_reproducible
 
     package, out_dir = Path(package), Path(out_dir)
@@ -74,7 +75,7 @@ def bisect_package(package: Path, out_dir: Path, max_bytes: int | None = None) -
     work = Path(tempfile.mkdtemp(prefix=".chunks-", dir=out_dir))
     finals = [out_dir / f"{name}.mlpackage" for name in CHUNK_NAMES]
     try:
-        with _coremltools_log_level(logging.WARNING):
+        with _coremltools_log_level(logging.WARNING), coremltools_progress():
             ct.models.utils.bisect_model(str(package), str(work), check_output_correctness=False)
         gc.collect()
         stem = package.stem

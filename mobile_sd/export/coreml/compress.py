@@ -29,11 +29,13 @@ FP16_SUFFIX = "_to_fp16"
 def compress_model(mlmodel: Any, config: CompressionConfig) -> tuple[Any, dict]:
     """``(compressed MLModel, manifest report)``; unknown op names are RecipeError."""
     from mobile_sd.compress.coreml_apply import compress_mlmodel, weight_and_op_names
+    from mobile_sd.export.coreml.progress import coremltools_progress
 
     start = time.perf_counter()
     if config.op_name:
         config = with_program_names(config, set(weight_and_op_names(mlmodel)))
-    mlmodel = compress_mlmodel(mlmodel, config)
+    with coremltools_progress():   # coremltools' bars only on a terminal
+        mlmodel = compress_mlmodel(mlmodel, config)
     return mlmodel, _report(mlmodel, config, time.perf_counter() - start)
 
 

@@ -123,6 +123,8 @@ def convert_component(comp: ExportComponent, target: str, precision: str,
     import coremltools as ct
     import numpy as np
 
+    from mobile_sd.export.coreml.progress import coremltools_progress
+
     report = progress or (lambda phase: None)
     report("torch.export")
     program = export_program(comp)
@@ -130,7 +132,7 @@ def convert_component(comp: ExportComponent, target: str, precision: str,
     outputs = [ct.TensorType(name=s.name, dtype=np.float32) for s in comp.outputs]
     report("ct.convert")
     try:
-        with torch_op_patches():
+        with torch_op_patches(), coremltools_progress():   # bars only on a terminal
             mlmodel = ct.convert(program, convert_to="mlprogram", inputs=inputs, outputs=outputs,
                                  minimum_deployment_target=deployment_target(target),
                                  compute_precision=compute_precision(precision),

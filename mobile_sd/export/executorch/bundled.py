@@ -22,8 +22,12 @@ def _as_list(outputs: Any) -> list:
     return list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
 
 
-def bundled_bytes(executorch_program, cases: Sequence[tuple]) -> bytes:
-    """Serialize ``executorch_program`` with ``(inputs, expected_outputs)`` test cases."""
+def bundled_bytes(pte_path: str | Path, cases: Sequence[tuple]) -> bytes:
+    """Serialize the ``.pte`` at ``pte_path`` with ``(inputs, expected_outputs)`` test cases.
+
+    From the written file, not the program manager: the caller can free the lowered program
+    (and its copies of the weights) first.
+    """
     from executorch.devtools.bundled_program.config import MethodTestCase, MethodTestSuite
     from executorch.devtools.bundled_program.core import BundledProgram
     from executorch.devtools.bundled_program.serialize import (
@@ -31,7 +35,8 @@ def bundled_bytes(executorch_program, cases: Sequence[tuple]) -> bytes:
 
     tests = [MethodTestCase(inputs=list(inputs), expected_outputs=_as_list(expected))
              for inputs, expected in cases]
-    bundle = BundledProgram(executorch_program, [MethodTestSuite("forward", tests)])
+    bundle = BundledProgram(None, [MethodTestSuite("forward", tests)],
+                            pte_file_path=str(pte_path))
     return serialize_from_bundled_program_to_flatbuffer(bundle)
 
 

@@ -1,5 +1,9 @@
 """``format: executorch`` recipes: one ``.pte`` per component (+ ``.ptd``, ``.bpte``, ETRecord).
 
+``weights: inline`` (the Android recipes) keeps the weights inside the ``.pte``: the stock
+Android ``Module.load(path)`` passes no data file. A ``.bpte`` is bundled only for programs
+under its 2 GiB flatbuffer cap; the others are listed in the manifest's ``skipped``.
+
 Called by :func:`mobile_sd.export.engine.run_export` after surgery. int8 components are calibrated
 on the reference pipeline's recorded calls (every calibration prompt x every step x both CFG
 branches), never on random tensors, and keep their most sensitive layers in fp32 (measured).
@@ -97,6 +101,8 @@ def export_component(comp: ExportComponent, settings: ResolvedComponent, recipe:
              "calibration_samples": len(calibration or []), "notes": result.notes}
     if result.delegate_limits:
         entry["delegate_limits"] = result.delegate_limits
+    if result.bundle_skipped:
+        entry["bundle_skipped"] = result.bundle_skipped
     return entry
 
 
@@ -104,6 +110,10 @@ def finish(model, recipe: Recipe, out_dir: Path, manifest: dict) -> None:
     """Bundle-level notes: what cannot be verified on this machine."""
     import platform
 
+    for name, comp in manifest.components.items():
+        if comp.details.get("bundle_skipped"):
+            manifest.skipped.append({"step": f"{name}: bundled program (.bpte)",
+                                     "reason": comp.details["bundle_skipped"]})
     if recipe.backend == "coreml" and platform.system() != "Darwin":
         manifest.skipped.append({
             "step": "run / verify Core ML-delegated .pte",

@@ -28,6 +28,12 @@ from mobile_sd.export.executorch.bundled import verify_bundled  # noqa: F401  (p
 from mobile_sd.runtimes.pte import etdump_op_table, run_pte  # noqa: F401  (public API)
 from mobile_sd.utils.env import release_freed_memory
 
+# A .bpte is one flatbuffer holding the whole .pte (segments included) as a byte vector:
+# flatbuffers' 32-bit offsets cap it at 2 GiB ("BuilderSizeError: cannot grow buffer beyond
+# 2 gigabytes"). The fp32 UNet with inline weights (~2.9 GB) is over it.
+BPTE_MAX_BYTES = 2**31 - 1
+_BPTE_MARGIN = 1 << 20   # the bundle's own tables and alignment padding
+
 
 @dataclasses.dataclass
 class ExportResult:
@@ -45,6 +51,7 @@ class ExportResult:
     etrecord_path: str | None = None
     delegate_limits: list[str] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)
+    bundle_skipped: str | None = None   # why no .bpte was written although one was asked for
 
     @property
     def paths(self) -> list[str]:
@@ -154,6 +161,27 @@ def _bundle_cases(bundled_io, reference: nn.Module) -> list[tuple]:
     return cases
 
 
+def _case_bytes(cases) -> int:
+    tensors = [t for inputs, expected in cases for t in (*inputs, *_as_list(expected))]
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def _as_list(value) -> list:
+    return list(value) if isinstance(value, (tuple, list)) else [value]
+
+
+def bundle_too_big(pte_bytes: int, cases, limit: int | None = None) -> str | None:
+    """Why a ``.bpte`` of this program cannot be written (over the flatbuffer cap), or None."""
+    limit = BPTE_MAX_BYTES if limit is None else limit
+    need = pte_bytes + _case_bytes(cases) + _BPTE_MARGIN
+    if need <= limit:
+        return None
+    return (f"the program is {pte_bytes / 2**30:.2f} GiB with its weights inline; a .bpte "
+            f"holds it in one flatbuffer, capped at {limit / 2**30:.2f} GiB. Verify with the "
+            "plain .pte (parity), or export with 'weights: separate' (the .bpte then holds only "
+            "the small .pte)")
+
+
 def export_pte(module: nn.Module, example_inputs: tuple, out_path: str | Path, *,
                backend: str = "xnnpack", precision: str = "fp32",
                calibration: Iterable[tuple] | None = None, fp32_fallback: Sequence[str] = (),
@@ -166,7 +194,9 @@ def export_pte(module: nn.Module, example_inputs: tuple, out_path: str | Path, *
 
     Writes ``out_path`` and, when asked, ``<stem>.ptd`` (weights, ``separate_weights``),
     ``<stem>.bpte`` (``bundled_io``: ``(inputs, expected_outputs)`` pairs; ``None`` expected =
-    the lowered program's own eager output) and ``etrecord_path``, all or nothing. The ETRecord
+    the lowered program's own eager output; left out, with ``bundle_skipped`` saying why, when
+    the program is over the 2 GiB cap of a bundle, see :data:`BPTE_MAX_BYTES`) and
+    ``etrecord_path``, all or nothing. The ETRecord
     is graph-only (weights replaced by placeholders, see ``et_etrecord``) unless
     ``etrecord_weights``.
     ``calibration``: input tuples for int8; ``fp32_fallback``: module names kept fp32 (int8).
@@ -215,18 +245,20 @@ def export_pte(module: nn.Module, example_inputs: tuple, out_path: str | Path, *
         program.save(str(stage.path("pte")))
         if separate_weights:
             program.write_tensor_data_to_file(str(stage.path("ptd").parent))
-        if cases:
-            stage.path("bpte").write_bytes(bundled_bytes(program, cases))
+        skipped = bundle_too_big(stage.path("pte").stat().st_size, cases) if cases else None
         n_out = len(program.exported_program().graph_signature.user_outputs)
         names_out = _names(output_names, n_out, "output_", "output")
         record = None
         if etrecord_path:
             record = recording.record(program) if recording else program.get_etrecord()
         # Drop the lowered program (it holds the delegate's copy of the weights) before
+        # bundling (a .bpte copies the whole .pte several times: inline weights included),
         # serializing the record (a full one needs as much memory again for a moment) and
         # before a child process loads the written program (check_loads).
         del program, edge, ep
         release_freed_memory()
+        if cases and not skipped:   # from the written .pte: the lowered program is gone
+            stage.path("bpte").write_bytes(bundled_bytes(stage.path("pte"), cases))
         if etrecord_path:
             save_etrecord(record, stage.path("etrecord"), mode)
         if backend == "xnnpack":   # the only delegate this host's runtime has
@@ -237,7 +269,8 @@ def export_pte(module: nn.Module, example_inputs: tuple, out_path: str | Path, *
         output_names=names_out, delegation=delegation,
         export_seconds=round(time.perf_counter() - start, 2), peak_rss_mb=round(rss.peak_mb, 1),
         ptd_path=str(final["ptd"]) if separate_weights else None,
-        bpte_path=str(final["bpte"]) if bundled_io else None,
+        bpte_path=str(final["bpte"]) if bundled_io and not skipped else None,
+        bundle_skipped=skipped,
         etrecord_path=str(final["etrecord"]) if etrecord_path else None,
         delegate_limits=list(et_backends.COREML_LIMITS) if backend == "coreml" else [],
         notes=notes)

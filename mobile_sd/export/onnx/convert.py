@@ -44,6 +44,8 @@ class OnnxResult:
     peak_rss_mb: float
     data_path: str | None = None
     notes: list[str] = dataclasses.field(default_factory=list)
+    # input/output name -> [axis index, ...] of its dynamic (symbolic) dims in the graph
+    dynamic_axes: dict[str, list[int]] = dataclasses.field(default_factory=dict)
 
     @property
     def paths(self) -> list[str]:
@@ -53,11 +55,24 @@ class OnnxResult:
         return dataclasses.asdict(self)
 
 
-def _to_proto(module: nn.Module, example_inputs: tuple, input_names, output_names, opset: int):
+def _to_proto(module: nn.Module, example_inputs: tuple, input_names, output_names, opset: int,
+              dynamic_shapes=None):
     program = torch.onnx.export(module, example_inputs, dynamo=True, opset_version=opset,
                                 input_names=list(input_names), output_names=list(output_names),
-                                external_data=False, verbose=False)
+                                dynamic_shapes=dynamic_shapes, external_data=False,
+                                verbose=False)
     return program.model_proto
+
+
+def dynamic_axes(proto) -> dict[str, list[int]]:
+    """Graph input/output name -> indices of its symbolic (dynamic) dims."""
+    axes = {}
+    for value in [*proto.graph.input, *proto.graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        found = [i for i, d in enumerate(dims) if not d.HasField("dim_value")]
+        if found:
+            axes[value.name] = found
+    return axes
 
 
 def _check_names(proto, input_names: Sequence[str], output_names: Sequence[str]) -> None:
@@ -138,10 +153,11 @@ def _needs_external(module: nn.Module, fp16: bool, external_data: bool | str) ->
 def export_onnx(module: nn.Module, example_inputs: tuple, out_path: str | Path, *,
                 input_names: Sequence[str], output_names: Sequence[str], opset: int = 20,
                 simplify: bool = True, fp16: bool = False, external_data: bool | str = "auto",
-                overwrite: bool = False) -> OnnxResult:
+                overwrite: bool = False, dynamic_shapes=None) -> OnnxResult:
     """Export ``module`` to ONNX at ``out_path`` (``.onnx``), all or nothing.
 
-    Static shapes from ``example_inputs``; inputs/outputs named as given. ``external_data``:
+    Static shapes from ``example_inputs`` unless ``dynamic_shapes`` (torch.export's form, one
+    entry per input) makes axes dynamic; inputs/outputs named as given. ``external_data``:
     ``"auto"`` moves weights to ``<name>.onnx.data`` when they approach 2 GB.
     """
     from mobile_sd.utils.env import PeakRss
@@ -161,7 +177,8 @@ def export_onnx(module: nn.Module, example_inputs: tuple, out_path: str | Path, 
     notes: list[str] = []
     start = time.perf_counter()
     with PeakRss() as rss, staged(destinations, overwrite) as stage, torch.no_grad():
-        proto = _to_proto(module.eval(), example_inputs, input_names, output_names, opset)
+        proto = _to_proto(module.eval(), example_inputs, input_names, output_names, opset,
+                          dynamic_shapes)
         _check_names(proto, input_names, output_names)
         simplified = False
         if simplify:
@@ -174,7 +191,8 @@ def export_onnx(module: nn.Module, example_inputs: tuple, out_path: str | Path, 
         output_names=list(output_names), opset=opset, fp16=fp16, simplified=simplified,
         node_count=len(proto.graph.node),
         export_seconds=round(time.perf_counter() - start, 2), peak_rss_mb=round(rss.peak_mb, 1),
-        data_path=str(stage.destinations["data"]) if external else None, notes=notes)
+        data_path=str(stage.destinations["data"]) if external else None, notes=notes,
+        dynamic_axes=dynamic_axes(proto))
 
 
 def run_onnx(path: str | Path, inputs: Sequence,
