@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -42,26 +41,9 @@ def _env() -> dict:
 
 
 def timed_export(recipe: str, soc: str, spec: str, out: Path, latent: int | None) -> dict:
-    """``mobile-sd export`` under ``/usr/bin/time -v``: wall / CPU s, peak RSS, the manifest."""
-    extra = ["--latent-size", str(latent)] if latent else []
-    cmd = ["/usr/bin/time", "-v", *_mobile_sd(
-        "export", "--recipe", str(ROOT / "export_recipes" / f"{recipe}.yaml"), "--spec", spec,
-        "--soc", soc, "--out", str(out), "--force", *extra)]
-    load_before = os.getloadavg()[0]
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=_env())
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
-    cpu = sum(float(x) for x in re.findall(r"(?:User|System) time \(seconds\): ([\d.]+)",
-                                           proc.stderr))
-    return {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
-            "peak_rss_gb": round(peak_kb / 2**20, 2), "load_before": round(load_before, 1),
-            "load_after": round(os.getloadavg()[0], 1),
-            "command": " ".join(cmd[2:]).replace(str(ROOT) + "/", "")
-                       .replace(sys.executable, "python"),
-            "manifest": json.loads((out / "manifest.json").read_text())}
+    """``mobile-sd export --soc`` under ``/usr/bin/time -v`` (``_common.timed_export``)."""
+    extra = ["--soc", soc] + (["--latent-size", str(latent)] if latent else [])
+    return _common.timed_export(ROOT / "export_recipes" / f"{recipe}.yaml", spec, out, extra)
 
 
 def one_call_seconds(folder: Path, name: str) -> float:
