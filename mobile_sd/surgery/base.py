@@ -172,3 +172,13 @@ def check_plain_attention(attn: nn.Module, name: str, pass_name: str,
             f"{type(attn.processor).__name__} (adapters, LoRA...); only "
             f"{', '.join(p.__name__ for p in processors)} can be replaced: fuse or unload "
             f"adapters before surgery")
+
+
+def unet_output(out) -> torch.Tensor:
+    """The prediction of a UNet call: a tensor, diffusers' ``.sample``, or the first item of a
+    tuple (what wrapper passes call the UNet they wrap with)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "sample"):
+        return out.sample
+    return out[0]

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from mobile_sd.errors import RecipeError
-from mobile_sd.surgery.base import SurgeryPass
+from mobile_sd.surgery.base import SurgeryPass, unet_output
 
 
 class CfgFoldedUNet(nn.Module):
@@ -49,17 +49,9 @@ class CfgFoldedUNet(nn.Module):
         # Unconditional first: the same order as diffusers' pipelines.
         context = torch.cat([uncond_embeddings, cond_embeddings])
         timesteps = timestep if timestep.ndim == 0 else torch.cat([timestep, timestep])
-        out = _as_tensor(self.unet(torch.cat([sample, sample]), timesteps, context))
+        out = unet_output(self.unet(torch.cat([sample, sample]), timesteps, context))
         uncond, cond = out.chunk(2)
         return uncond + _per_sample(guidance_scale, uncond) * (cond - uncond)
-
-
-def _as_tensor(out) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    if hasattr(out, "sample"):
-        return out.sample
-    return out[0]
 
 
 def _per_sample(scale: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor | float:

@@ -56,7 +56,7 @@ import torch
 from torch import nn
 
 from mobile_sd.errors import RecipeError
-from mobile_sd.surgery.base import SurgeryPass
+from mobile_sd.surgery.base import SurgeryPass, unet_output
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 BETA_SCHEDULES = ("scaled_linear", "linear")
@@ -82,14 +82,6 @@ def alphas_cumprod(num_train_timesteps: int = 1000, beta_start: float = 0.00085,
     return torch.cumprod(1.0 - betas, dim=0)
 
 
-def _as_tensor(out) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    if hasattr(out, "sample"):
-        return out.sample
-    return out[0]
-
-
 class VToEpsilonUNet(nn.Module):
     """``forward(sample, timestep, encoder_hidden_states) -> epsilon`` around a v-prediction UNet.
 
@@ -109,7 +101,7 @@ class VToEpsilonUNet(nn.Module):
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor,
                 encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        v = _as_tensor(self.unet(sample, timestep, encoder_hidden_states))
+        v = unet_output(self.unet(sample, timestep, encoder_hidden_states))
         t = torch.as_tensor(timestep, device=sample.device).reshape(-1).float()
         t = torch.clamp(torch.round(t), 0, self.num_train_timesteps - 1)
         hot = (self.train_steps[None, :] == t[:, None]).to(torch.float32)   # [B, T] one-hot

@@ -100,3 +100,14 @@ def staged(destinations: dict[str, Path], overwrite: bool = False,
         failed = False
     finally:
         staging.cleanup(failed)
+
+
+def temp_dir_beside(out: Path) -> Path:
+    """A hidden temp folder next to ``out`` (same filesystem, so a rename moves it into place);
+    creating it is an :class:`OutputDirError` naming the folder."""
+    out = Path(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out.stem}.", dir=out.parent))
+    except OSError as exc:
+        raise OutputDirError(f"cannot write to {out.parent}: {exc}") from exc

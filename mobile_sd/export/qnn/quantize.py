@@ -33,12 +33,12 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterable, Mapping
 
 import numpy as np
 
+from mobile_sd.utils.staging import temp_dir_beside
 from mobile_sd.errors import CalibrationError, ExportError, InvalidArgumentError, OutputDirError
 
 MASK_THRESHOLD = -1.0e4      # constants at or below this feeding an Add are additive masks
@@ -221,11 +221,7 @@ def quantize_w8a16(model, out: str | Path, calibration: Iterable[Mapping[str, np
     samples = check_calibration(src, calibration)
     prepared, report = prepare_for_htp(src, mask_floor=mask_floor)
     external = _model_bytes(prepared) > _EXTERNAL_DATA_BYTES
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.stem}.", dir=out.parent))
-    except OSError as exc:
-        raise OutputDirError(f"cannot write to {out.parent}: {exc}") from exc
+    tmp = temp_dir_beside(out)
     try:
         prep_path = tmp / "prepared.onnx"
         onnx.save_model(prepared, str(prep_path), save_as_external_data=external,

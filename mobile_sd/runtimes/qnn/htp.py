@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from mobile_sd.utils.staging import temp_dir_beside
 from mobile_sd.errors import (BackendUnavailableError, ExportError, InvalidArgumentError,
                               OutputDirError, UnsupportedOpError)
 
@@ -373,11 +374,7 @@ def compile_context(model: str | Path, out: str | Path, soc: str | Soc | None = 
     if not overwrite and (out.exists() or bin_path.exists()):
         raise OutputDirError(f"{out if out.exists() else bin_path} exists; pass overwrite=True "
                              f"to replace it")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.stem}.", dir=out.parent))
-    except OSError as exc:
-        raise OutputDirError(f"cannot write to {out.parent}: {exc}") from exc
+    tmp = temp_dir_beside(out)
     try:
         so = session_options(s, precision, strict=True, config={
             "ep.context_enable": "1", "ep.context_file_path": str(tmp / out.name),
