@@ -14,7 +14,6 @@ from mobile_sd.models.spec import load_spec
 from mobile_sd.models.unet import EfficientUNet
 from mobile_sd.models.zoo import build_model
 
-torch.set_num_threads(1)
 CA_DOWN, DOWN, CA_UP, UP = "CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"
 COMMON = {"cross_attention_dim": 32, "attention_head_dim": 2, "norm_num_groups": 8,
           "sample_size": 16}

@@ -10,7 +10,6 @@ import torch
 from mobile_sd.models.folder import load_model_folder
 from mobile_sd.models.spec import DecoderSpec, load_spec
 
-torch.set_num_threads(1)
 
 
 def test_shipped_specs_are_8x():

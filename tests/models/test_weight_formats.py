@@ -14,7 +14,6 @@ from mobile_sd.errors import InvalidArgumentError, WeightsError
 from mobile_sd.models.folder import load_model_folder
 from mobile_sd.models.zoo import build_model
 
-torch.set_num_threads(1)
 WEIGHTS = {"unet": "unet/diffusion_pytorch_model.safetensors",
            "text_encoder": "text_encoder/model.safetensors",
            "decoder": "vae_decoder/diffusion_pytorch_model.safetensors"}

@@ -18,14 +18,6 @@ from mobile_sd.pipeline.swift_app import (SwiftBPETokenizer, SwiftComponents, Sw
 PROMPT = "a photo of a cat"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tok():
     return SwiftBPETokenizer.default()

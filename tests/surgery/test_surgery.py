@@ -22,15 +22,6 @@ from mobile_sd.surgery import (COMPONENTS, PASS_NAMES, ModulePass, apply_passes,
 TOL = 1e-5  # fp32 max abs error allowed for a pass that claims to preserve numerics
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: a second thread only adds contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ----------------------------------------------------------------------------- tiny models
 
 def randomize_(module: nn.Module, seed: int) -> nn.Module:

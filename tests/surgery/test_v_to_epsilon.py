@@ -11,14 +11,6 @@ from mobile_sd.surgery import apply_passes, get_pass
 from mobile_sd.surgery.v_to_epsilon import VToEpsilonPass, VToEpsilonUNet, alphas_cumprod
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def spec():
     from mobile_sd.models.spec import load_spec
