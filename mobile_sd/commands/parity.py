@@ -48,7 +48,8 @@ def cmd_parity(args: argparse.Namespace) -> int:
     options = ParityOptions(prompts=tuple(args.prompts), seed=args.seed,
                             random_inputs=args.random_inputs, components=args.components,
                             e2e=not args.no_e2e, locate=not args.no_locate,
-                            num_threads=args.threads, progress=not args.quiet)
+                            num_threads=args.threads, progress=not args.quiet,
+                            coreml_mode=args.coreml_mode)
     report = run_parity(args.artifact_dir, model, options, args.out)
     for line in terminal_lines(report):
         print(line)
@@ -77,5 +78,9 @@ def register(sub) -> None:
     p.add_argument("--no-locate", action="store_true", help="do not locate divergences")
     p.add_argument("--fail-on-skip", action="store_true",
                    help="exit 1 when nothing could run on this host")
+    p.add_argument("--coreml-mode", choices=("typed", "fp32"), default="typed",
+                   help="Core ML off macOS (MIL runtime): 'typed' keeps the program's fp16 "
+                   "tensors fp16 as shipped; 'fp32' widens them, to tell conversion error "
+                   "from fp16 loss")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_parity, seed_weights=None)

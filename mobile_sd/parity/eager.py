@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -102,11 +102,12 @@ def surgery_component(model, manifest, name: str) -> ExportComponent:
                   copy_module=True)  # surgery rewrites in place
 
 
-def lowering_reference(comp: ExportComponent, precision: str,
+def lowering_reference(surgery: Callable[[], ExportComponent], precision: str,
                        fmt: str) -> tuple[torch.nn.Module | None, str | None]:
     """(module, None), or (None, reason) when no eager model carries the export's compression.
 
-    ``comp`` is the :func:`surgery_component`; fp16 wraps a copy of it.
+    ``surgery()`` builds the :func:`surgery_component` (called only when a reference exists);
+    fp16 wraps a copy of it.
     """
     if fmt == "coreml":
         # The MIL runtime's fp32-widened run of the same package is not a lowering reference:
@@ -118,11 +119,11 @@ def lowering_reference(comp: ExportComponent, precision: str,
                       "equivalent; the MIL runtime's fp32-widened run measures fp16 loss, not "
                       "lowering (tier 2 vs the fp32 original applies)")
     if precision == "fp32":
-        return comp.module, None
+        return surgery().module, None
     if precision == "fp16":
         from mobile_sd.export.executorch.precision import HalfIO
 
-        return HalfIO(comp.module).eval(), None   # the wrapper the export uses (copies)
+        return HalfIO(surgery().module).eval(), None   # the wrapper the export uses (copies)
     return None, (f"precision {precision!r}: the quantized eager model (PT2E) is not kept with "
                   "the export, so only tier 2 (vs the fp32 original) applies")
 

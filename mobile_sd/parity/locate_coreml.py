@@ -108,15 +108,28 @@ def _activation_finding(mil_model, typed, eager: EagerModules, paths: dict, gate
     values = eager.values([paths[op.hint][0] for op in ops])
     previous = float("inf")
     for op in ops:
-        got, ref = typed.get(op.outputs[0]), values.get(paths[op.hint][0])
-        if got is None or ref is None or got.numel() != ref.numel():
+        got = _aligned(typed.get(op.outputs[0]), values.get(paths[op.hint][0]))
+        if got is None:
             continue
-        value = _psnr(got.float().reshape(ref.shape), ref)
+        ref = values[paths[op.hint][0]]
+        value = _psnr(got, ref)
         if value < gate_db and previous - value >= DROP_DB:
             return {"op": op, "cause": "activations", "psnr_db": value,
                     "previous_psnr_db": previous}
         previous = value
     return None
+
+
+def _aligned(got, ref):
+    """``got`` in ``ref``'s shape when both hold the same layout (equal shapes up to size-1
+    dims), else None. A fused MIL op (coremltools' layer_norm fusion on ``(B, C, 1, S)``) can
+    output a transposed layout with the same element count: reshaping that would compare
+    scrambled values and name a healthy op."""
+    if got is None or ref is None:
+        return None
+    if [d for d in got.shape if d != 1] != [d for d in ref.shape if d != 1]:
+        return None
+    return got.float().reshape(ref.shape)
 
 
 def locate_mil(path, feed: dict, surgery_module: torch.nn.Module, eager_inputs,

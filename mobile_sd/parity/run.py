@@ -8,6 +8,7 @@ write the report.
 """
 from __future__ import annotations
 
+import functools
 import gc
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,14 +65,16 @@ def _check_one(folder, manifest, name, runner, model, recorder, options) -> dict
     from mobile_sd.parity.locate import locate
 
     original = eager.original_component(model, manifest, name)
-    surgery = eager.surgery_component(model, manifest, name)
+    # The surgery copy costs a full copy of the module (3.4 GB for a full-size UNet): built
+    # only when a lowering reference or the locator needs it (Core ML needs it only to locate).
+    surgery = functools.cache(lambda: eager.surgery_component(model, manifest, name))
     lowering, reason = eager.lowering_reference(surgery, _precision(manifest, name),
                                                 manifest.format)
     samples = make_samples(original, recorder, options.random_inputs, options.seed)
     eager.expected_as_exported(original, samples)
 
     def where(sample, gate):
-        return locate(folder, manifest, name, runner, surgery, sample, gate)
+        return locate(folder, manifest, name, runner, surgery(), sample, gate)
     return check_component(runner, original, lowering, reason, samples,
                            Budget.from_manifest(manifest, name),
                            where if options.locate else None)
@@ -102,7 +105,8 @@ def run_parity(folder: str | Path, model, options: ParityOptions | None = None,
     names = _select(manifest, options.components)
     settings = {"prompts": list(options.prompts), "seed": options.seed,
                 "random_inputs": options.random_inputs, "steps": pipe.get("steps"),
-                "guidance": pipe.get("guidance"), "latent_size": pipe.get("latent_size")}
+                "guidance": pipe.get("guidance"), "latent_size": pipe.get("latent_size"),
+                "coreml_mode": options.coreml_mode}
     report = new_report(folder, manifest, model, settings)
     runners, entries = _open_all(folder, manifest, names, options)
     report["components"] = entries
@@ -121,13 +125,19 @@ def run_parity(folder: str | Path, model, options: ParityOptions | None = None,
     out = Path(out_dir) if out_dir is not None else default_out_dir(folder)
     report["e2e"] = _e2e(runners, entries, model, manifest, options, images, out, report)
     if options.swift_app and "swift_app" in pipe and options.e2e:
-        report["swift_app"] = _swift_app(folder, model, manifest, options)
+        report["swift_app"] = _swift_app(folder, model, manifest, options, _mil_models(runners))
     summarize(report)
     write_report(report, out)
     return report
 
 
-def _swift_app(folder: Path, model, manifest, options: ParityOptions) -> dict:
+def _mil_models(runners) -> dict:
+    """Package file name -> the MIL model a component runner already holds (for the app)."""
+    return {f.path.name: f.model for r in runners.values() for f in r.files
+            if getattr(f, "engine", None) == "mil"}
+
+
+def _swift_app(folder: Path, model, manifest, options: ParityOptions, opened: dict) -> dict:
     """Apple's Swift app emulated on the bundle's own files (MIL runtime), against the fp32
     pipeline with the app's scheduler; gated like end to end."""
     from mobile_sd.parity.check import Budget
@@ -137,7 +147,8 @@ def _swift_app(folder: Path, model, manifest, options: ParityOptions) -> dict:
     rows = []
     for i, prompt in enumerate(options.prompts):
         try:
-            row = check_bundle(folder, model, prompt, options.seed + i, options.coreml_mode)
+            row = check_bundle(folder, model, prompt, options.seed + i, options.coreml_mode,
+                               opened)
         except Exception as exc:  # noqa: BLE001 - a package that crashes the app fails it
             return {"status": "fail", "gate_min_psnr_db": gate,
                     "reason": f"{type(exc).__name__}: {str(exc).strip()[:300]}"}

@@ -96,20 +96,28 @@ def _unet_files(folder: Path) -> list[Path]:
                       "UnetChunk2.mlpackage; not a Swift-app bundle")
 
 
-def bundle_components(folder: str | Path, mode: str = "typed",
-                      seconds: dict | None = None) -> SwiftComponents:
+def bundle_components(folder: str | Path, mode: str = "typed", seconds: dict | None = None,
+                      opened: dict | None = None) -> SwiftComponents:
     """A bundle's Core ML packages as the app's components, run by the MIL runtime (``mode``:
-    ``typed`` keeps fp16 fp16, ``fp32`` widens). ``seconds`` collects time per component."""
+    ``typed`` keeps fp16 fp16, ``fp32`` widens). ``seconds`` collects time per component.
+    ``opened``: package file name -> :class:`MilModel` already loaded in ``mode`` (reused, and
+    filled with what this call loads: a full-size UNet is GBs, so it is never held twice)."""
     from mobile_sd.runtimes.coreml import MilModel
 
     folder = Path(folder)
     seconds = {} if seconds is None else seconds
+    opened = {} if opened is None else opened
     for name in ("TextEncoder.mlpackage", "VAEDecoder.mlpackage"):
         if not (folder / name).is_dir():
             raise ParityError(f"{folder / name}: missing; not a Swift-app bundle")
-    text = MilModel(folder / "TextEncoder.mlpackage", mode)
-    unets = [MilModel(p, mode) for p in _unet_files(folder)]
-    decoder = MilModel(folder / "VAEDecoder.mlpackage", mode)
+
+    def load(path: Path):
+        if path.name not in opened:
+            opened[path.name] = MilModel(path, mode)
+        return opened[path.name]
+    text = load(folder / "TextEncoder.mlpackage")
+    unets = [load(p) for p in _unet_files(folder)]
+    decoder = load(folder / "VAEDecoder.mlpackage")
     sample = unets[0].package.function.inputs["sample"]
     ids = text.package.function.inputs["input_ids"]
     return SwiftComponents(_Timed([text], "last_hidden_state", seconds, "text_encoder"),
@@ -135,7 +143,7 @@ def app_settings(folder: Path) -> dict:
 
 def run_bundle(folder: str | Path, prompt: str, seed: int = 0, mode: str = "typed",
                steps: int | None = None, guidance: float | None = None,
-               seconds: dict | None = None):
+               seconds: dict | None = None, opened: dict | None = None):
     """One image as the app makes it from the bundle's own files (vocab.json, merges.txt and
     the packages), with the settings its manifest says the app must select."""
     folder = Path(folder)
@@ -150,20 +158,21 @@ def run_bundle(folder: str | Path, prompt: str, seed: int = 0, mode: str = "type
                                 scheduler=settings["scheduler"],
                                 timestep_spacing=settings["timestep_spacing"],
                                 decoder_scale_factor=float(settings["decoder_scale_factor"]))
-    return run_swift_app(bundle_components(folder, mode, seconds), config, tokenizer)
+    return run_swift_app(bundle_components(folder, mode, seconds, opened), config, tokenizer)
 
 
 def check_bundle(folder: str | Path, model, prompt: str, seed: int = 0,
-                 mode: str = "typed") -> dict:
+                 mode: str = "typed", opened: dict | None = None) -> dict:
     """The app's image from the bundle against the fp32 PyTorch pipeline with the same
-    scheduler (DPM-Solver++ as the app sets it up), same initial latents and settings."""
+    scheduler (DPM-Solver++ as the app sets it up), same initial latents and settings.
+    ``opened``: MIL models already loaded (see :func:`bundle_components`)."""
     from mobile_sd.metrics import image_stats
     from mobile_sd.parity.eager import at_latent_size
 
     folder = Path(folder)
     settings, seconds = app_settings(folder), {}
     start = time.perf_counter()
-    app = run_bundle(folder, prompt, seed, mode, seconds=seconds)
+    app = run_bundle(folder, prompt, seed, mode, seconds=seconds, opened=opened)
     latent = app.latents.shape[-1]
     ref = reference_dpmpp(at_latent_size(model, latent), prompt, steps=int(settings["steps"]),
                           guidance=float(settings["guidance"]), seed=seed,

@@ -158,3 +158,18 @@ def test_bad_package_is_one_clear_line_exit_2_nothing_written(breakage, recipe, 
     assert len(lines) == 1 and expect in lines[0].lower(), out
     assert report is None and not (tmp_path / "report").exists()
     assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == before
+
+
+def test_coreml_mode_fp32_widens_the_same_program(cli, tmp_path):
+    """--coreml-mode fp32 runs the package with its fp16 tensors widened: what is left vs the
+    fp32 original is conversion and palette error, so it only gains on the as-typed run."""
+    folder = export("ios-snapfusion-fast", SPEC)
+    psnr = {}
+    for mode in ("typed", "fp32"):
+        code, out, report = _parity(cli, folder, tmp_path / mode, "--no-e2e", "--no-locate",
+                                    "--components", "unet", "--coreml-mode", mode)
+        assert code == 0, out
+        assert report["settings"]["coreml_mode"] == mode
+        psnr[mode] = report["components"]["unet"]["tiers"]["fp32"]["worst"]["psnr_db"]
+    assert psnr["fp32"] >= psnr["typed"] - 0.5, psnr
+    assert psnr["fp32"] != psnr["typed"], psnr

@@ -106,3 +106,16 @@ def test_taps_look_inside_a_delegate_without_weight_hints(exports):
     found = refine(etrecord, EagerModules(reference.module, inputs), "clip.encoder.layers.0",
                    inputs, 60.0, "xnnpack")
     assert found["module"] == "clip.encoder.layers.0.mlp.fc1", found
+
+
+def test_mil_locator_compares_only_tensors_in_the_same_layout():
+    """coremltools fuses ChannelLayerNorm on (B, C, 1, S) into transpose + layer_norm +
+    transpose: the layer_norm's output has the reference's element count in another layout.
+    Reshaping it would compare scrambled values (measured: a healthy full-size text encoder's
+    first layer norm named at 8.7 dB); such ops are skipped, size-1 dims are not a layout."""
+    from mobile_sd.parity.locate_coreml import _aligned
+
+    ref = torch.randn(1, 8, 1, 5)
+    assert _aligned(ref.permute(0, 3, 2, 1).contiguous(), ref) is None
+    assert torch.equal(_aligned(ref.reshape(1, 8, 5), ref), ref)
+    assert _aligned(None, ref) is None and _aligned(ref, None) is None

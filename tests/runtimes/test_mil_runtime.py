@@ -141,3 +141,56 @@ def test_typed_mode_skipping_rounding_of_moves_is_exact():
             step.rounds = False
     assert fast_rec.keys() == full_rec.keys()
     assert all(torch.equal(fast_rec[k], full_rec[k]) for k in fast_rec)
+
+
+def test_activations_are_freed_after_their_last_reader_without_changing_outputs():
+    """A full-size UNet call must not hold every intermediate (GBs): each activation var is
+    dropped once, right after the last op that reads it; program outputs never are."""
+    from mobile_sd.runtimes.coreml import run_prepared
+
+    folder = export("ios-snapfusion-fast")
+    model = MilModel(folder / "Unet.mlpackage", mode="typed")
+    prep = model._prepared
+    freed = [name for dead in prep.frees for name in dead]
+    assert len(freed) == len(set(freed)) > 100
+    assert not set(freed) & set(prep.output_names)
+    for i, dead in enumerate(prep.frees):
+        for name in dead:
+            readers = [j for j, s in enumerate(prep.steps)
+                       if any(name in (ref if isinstance(ref, list) else [ref])
+                              for _, ref in s.inputs)]
+            assert readers[-1] == i, name
+    ins = package_inputs(model, reference_call(folder, "unet")[0])
+    freeing = run_prepared(prep, ins)
+    keep_all, prep.frees = prep.frees, [[] for _ in prep.steps]
+    try:
+        holding = run_prepared(prep, ins)
+    finally:
+        prep.frees = keep_all
+    assert all(torch.equal(freeing[k], holding[k]) for k in holding)
+
+
+def test_typed_mode_stores_fp16_consts_as_fp16_and_widens_them_exactly():
+    """Typed mode keeps fp16 weights in fp16 between calls (half of fp32's memory); ops read
+    them widened, so the outputs equal those of consts held in fp32."""
+    from mobile_sd.runtimes.coreml import run_prepared
+
+    folder = export("ios-snapfusion-fast")
+    typed = MilModel(folder / "Unet.mlpackage", mode="typed")
+    wide = MilModel(folder / "Unet.mlpackage", mode="fp32")
+    floats = {k: v for k, v in typed._prepared.consts.items()
+              if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel() > 1000}
+    big = {k: v for k, v in floats.items() if v.dtype == torch.float16}
+    # the weights (fp16 vars) are stored fp16; what stays fp32 is typed fp32 by the program
+    assert big and sum(v.numel() for v in big.values()) >= 0.9 * sum(
+        v.numel() for v in floats.values())
+    assert all(wide._prepared.consts[k].dtype == torch.float32 for k in big)
+    ins = package_inputs(typed, reference_call(folder, "unet")[0])
+    stored = run_prepared(typed._prepared, ins)
+    half = dict(typed._prepared.consts)
+    typed._prepared.consts.update({k: v.float() for k, v in big.items()})
+    try:
+        widened_up_front = run_prepared(typed._prepared, ins)
+    finally:
+        typed._prepared.consts.update(half)
+    assert all(torch.equal(stored[k], widened_up_front[k]) for k in stored)

@@ -5,7 +5,9 @@ Modes:
              (kernels compute in fp32, like a GPU with fp32 accumulators; the value stored
              between ops is exactly an fp16 value, so overflow -> inf and underflow -> 0 appear);
   ``fp32``   fp16 vars are kept in fp32 (separates conversion error from fp16 loss).
-Float values are held in fp32 tensors in both modes (in typed mode they hold fp16 values).
+Float activations are held in fp32 tensors in both modes (in typed mode they hold fp16
+values); typed mode stores fp16 consts (weights) as fp16 and widens them when an op reads them.
+An activation is dropped after the last op that reads it (``PreparedProgram.frees``).
 """
 from __future__ import annotations
 
@@ -61,6 +63,9 @@ class PreparedProgram:
     consts: dict = field(default_factory=dict)
     steps: list = field(default_factory=list)
     ops: list = field(default_factory=list)
+    # frees[i]: activation vars whose last reader is step i, dropped right after it runs so a
+    # full-size UNet call holds only its live activations, not every intermediate (GBs).
+    frees: list = field(default_factory=list)
 
 
 def dtype_name(mil_dtype) -> str:
@@ -116,7 +121,8 @@ def prepare(function, mode: str = "typed", path=None, recipe: str | None = None)
     for op in function.operations:
         if op.op_type == "const":
             out = op.outputs[0]
-            prep.consts[out.name] = convert(to_torch(out.val), dtype_name(out.dtype), mode) \
+            prep.consts[out.name] = _stored(convert(to_torch(out.val), dtype_name(out.dtype),
+                                                    mode), dtype_name(out.dtype), mode) \
                 if not isinstance(out.val, str) else out.val
             produced.add(out.name)
             continue
@@ -138,15 +144,48 @@ def prepare(function, mode: str = "typed", path=None, recipe: str | None = None)
         weights = tuple(n for _, n in inputs if isinstance(n, str) and n in prep.consts
                         and isinstance(prep.consts[n], torch.Tensor) and prep.consts[n].numel() > 1)
         if op.op_type.startswith("constexpr_"):
-            for name, value in zip((n for n, _ in outputs), _execute(step, prep.consts, mode, path)):
-                prep.consts[name] = value
+            values = _execute(step, prep.consts, mode, path)
+            for (name, dtype), value in zip(outputs, values):
+                prep.consts[name] = _stored(value, dtype, mode)
             continue
         prep.steps.append(step)
         acts = tuple(n for _, ref in inputs for n in (ref if isinstance(ref, list) else [ref])
                      if n not in prep.consts)
         prep.ops.append(OpInfo(op.name, op.op_type, tuple(n for n, _ in outputs), weights,
                                source_hint(weights), acts))
+    prep.frees = _last_uses(prep)
     return prep
+
+
+def _last_uses(prep: PreparedProgram) -> list[list[str]]:
+    last: dict[str, int] = {}
+    for i, step in enumerate(prep.steps):
+        for _, ref in step.inputs:
+            for name in (ref if isinstance(ref, list) else [ref]):
+                if name not in prep.consts:
+                    last[name] = i
+    keep = set(prep.output_names)
+    frees: list[list[str]] = [[] for _ in prep.steps]
+    for name, i in last.items():
+        if name not in keep:
+            frees[i].append(name)
+    return frees
+
+
+def _stored(value, dtype: str, mode: str):
+    """A const as kept between calls: in typed mode an fp16 var holds exact fp16 values, so
+    it is stored as fp16 (half the memory: 1.7 GB instead of 3.4 GB for a full-size UNet) and
+    widened back to fp32, exactly, when an op reads it (:func:`_execute`)."""
+    if mode == "typed" and dtype == "fp16" and isinstance(value, torch.Tensor) \
+            and value.dtype == torch.float32:
+        return value.to(torch.float16)
+    return value
+
+
+def _widened(value):
+    if isinstance(value, torch.Tensor) and value.dtype == torch.float16:
+        return value.to(torch.float32)
+    return value
 
 
 def _moves_fp16(op) -> bool:
@@ -164,7 +203,8 @@ def _moves_fp16(op) -> bool:
 def _execute(step: _Step, env: dict, mode: str, path=None) -> list:
     args = {}
     for arg, ref in step.inputs:
-        args[arg] = [env[n] for n in ref] if isinstance(ref, list) else env[ref]
+        args[arg] = [_widened(env[n]) for n in ref] if isinstance(ref, list) \
+            else _widened(env[ref])
     try:
         result = step.kernel(step.op, args)
     except MilRuntimeError:
@@ -198,11 +238,13 @@ def run_prepared(prep: PreparedProgram, inputs: dict, record: bool = False, path
         env[name] = convert(t, dtype_name(var.dtype), prep.mode)
     recorded = {n: env[n] for n in prep.input_vars} if record else None
     with torch.no_grad():
-        for step in prep.steps:
+        for step, dead in zip(prep.steps, prep.frees):
             for (name, _), value in zip(step.outputs, _execute(step, env, prep.mode, path)):
                 env[name] = value
                 if record:
                     recorded[name] = value
+            for name in dead:
+                env.pop(name, None)
     outputs = {name: env[name] for name in prep.output_names}
     return (outputs, recorded) if record else outputs
 
