@@ -61,7 +61,31 @@ def _to_proto(module: nn.Module, example_inputs: tuple, input_names, output_name
                                 input_names=list(input_names), output_names=list(output_names),
                                 dynamic_shapes=dynamic_shapes, external_data=False,
                                 verbose=False)
-    return program.model_proto
+    proto = program.model_proto
+    del program
+    _drop_rewriter_graphs()
+    return proto
+
+
+def _drop_rewriter_graphs() -> None:
+    """Let the exported module's weights go once the proto is made.
+
+    torch.onnx's optimizer runs onnxscript's module-level rewrite rules, and each rule's
+    pattern matcher keeps the last graph it matched (``_graph``, ``_match``); that graph's
+    initializers wrap the module's parameters, so the eager weights stayed alive after
+    export (the full-size UNet's 2.9 GB, found with gc referrers). A matcher re-initializes
+    these at its next match, so clearing them is safe."""
+    import gc
+
+    try:
+        from onnxscript.rewriter._matcher import SimplePatternMatcher
+    except ImportError:            # another onnxscript layout: nothing known to clear
+        return
+    for obj in gc.get_objects():
+        if isinstance(obj, SimplePatternMatcher):
+            for attr in ("_graph", "_match", "_current_node", "_tracer"):
+                if attr in vars(obj):
+                    setattr(obj, attr, None)
 
 
 def dynamic_axes(proto) -> dict[str, list[int]]:

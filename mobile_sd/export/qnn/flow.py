@@ -52,12 +52,14 @@ def _onnx_model(comp: ExportComponent, settings: ResolvedComponent, recipe: Reci
     """The float ONNX model (fp16: the HTP computes it in fp16) or its w8a16 QDQ model."""
     from mobile_sd.export.onnx.convert import export_onnx
     from mobile_sd.export.qnn.quantize import quantize_w8a16
+    from mobile_sd.utils.env import release_freed_memory
 
     progress(f"onnx export (opset {recipe.options.opset})")
     float_path = work / f"{FILE_STEMS[comp.name]}_float.onnx"
     export_onnx(comp.module, comp.example_inputs(), float_path, input_names=comp.input_names,
                 output_names=comp.output_names, opset=recipe.options.opset, simplify=True)
     comp.module = None   # the eager weights are no longer needed (GBs at full size)
+    release_freed_memory()   # ... and handed back before calibration and compile
     if settings.precision != "w8a16":
         return float_path, None
     progress("w8a16 calibration")

@@ -60,6 +60,16 @@ def _load(model):
     return onnx.load(str(path))
 
 
+def _load_header(path):
+    """The graph without external tensor data (names, inputs, opset: enough to check)."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidArgumentError(f"ONNX model {path} does not exist")
+    return onnx.load(str(path), load_external_data=False)
+
+
 def _opset(model) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
@@ -95,16 +105,18 @@ def clamp_additive_masks(model, floor: float = MASK_FLOOR,
     return changed
 
 
-def prepare_for_htp(model, *, mask_floor: float | None = MASK_FLOOR):
-    """The model (a copy when given a ModelProto) with the numerics-preserving surgery above.
-    Returns ``(model, report)``; report = {"masks_clamped": [...], "gelu_fused": bool,
-    "nodes_named": int}."""
+def prepare_for_htp(model, *, mask_floor: float | None = MASK_FLOOR, in_place: bool = False):
+    """The model (a copy when given a ModelProto, unless ``in_place``) with the
+    numerics-preserving surgery above. Returns ``(model, report)``; report =
+    {"masks_clamped": [...], "gelu_fused": bool, "nodes_named": int}."""
     import onnx
     from onnxruntime.quantization.fusions import FusionGelu
     from onnxruntime.quantization.onnx_model import ONNXModel
 
-    proto = onnx.ModelProto()
-    proto.CopyFrom(_load(model))
+    proto = _load(model)
+    if not in_place and isinstance(model, onnx.ModelProto):
+        proto = onnx.ModelProto()
+        proto.CopyFrom(model)
     report = {"masks_clamped": [], "gelu_fused": False, "nodes_named": 0}
     if mask_floor is not None:
         report["masks_clamped"] = clamp_additive_masks(proto, mask_floor)
@@ -167,8 +179,9 @@ def check_calibration(model, samples: Iterable[Mapping[str, np.ndarray]]) -> lis
     return out
 
 
-def make_reader(samples: list[dict]):
-    """A rewindable ``CalibrationDataReader`` over a list of input dicts."""
+def make_reader(samples: list[dict], between=None):
+    """A rewindable ``CalibrationDataReader`` over a list of input dicts; ``between()`` (if
+    given) runs before every sample after the first."""
     from onnxruntime.quantization import CalibrationDataReader
 
     class _Reader(CalibrationDataReader):
@@ -179,6 +192,8 @@ def make_reader(samples: list[dict]):
         def get_next(self):
             if self._pos >= len(self._samples):
                 return None
+            if self._pos and between is not None:
+                between()
             self._pos += 1
             return self._samples[self._pos - 1]
 
@@ -197,6 +212,93 @@ def _model_bytes(model) -> int:
     return sum(len(i.raw_data) for i in model.graph.initializer)
 
 
+def _write_prepared(model, mask_floor, path: Path) -> tuple[bool, dict]:
+    """The HTP-prepared model saved at ``path`` (external data above the protobuf cap).
+    Returns ``(external, surgery report)``. Only one copy of the model is held: a loaded file
+    is prepared in place and dropped before anything else loads it."""
+    import onnx
+
+    own = not isinstance(model, onnx.ModelProto)
+    prepared, report = prepare_for_htp(_load(model), mask_floor=mask_floor, in_place=own)
+    external = _model_bytes(prepared) > _EXTERNAL_DATA_BYTES
+    onnx.save_model(prepared, str(path), save_as_external_data=external,
+                    location=f"{path.name}.data" if external else None)
+    return external, report
+
+
+def _lean_session(path: str):
+    """A CPU session for the calibration graph without the memory arena and memory patterns.
+
+    ORT's calibrator uses the defaults, where the arena grows with every calibration run: the
+    full-size UNet's augmented graph went from 8.8 GB after one run to 14.8 GB after two
+    (21 GB over 16 samples, measured); without them one run peaks at 8.7 GB and stays there.
+    The same graph runs, so the ranges are the same."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # as ORT's own
+    so.enable_cpu_mem_arena = False
+    so.enable_mem_pattern = False
+    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+
+
+def _calibrate(prepared: Path, config, samples: list[dict], work: Path) -> Path:
+    """MinMax activation ranges of ``prepared`` on ``samples``, saved as ORT's calibration cache
+    (what ``quantize_static`` computes with ``get_qnn_qdq_config``'s settings).
+
+    Run on its own, not inside ``quantize``: there ORT holds its model, the calibrator's
+    augmented copy and the calibration session at once. Here the augmented graph is saved and
+    its in-memory copy dropped before the session runs, the session is lean (above), and the
+    quantizer loads the model only after the calibrator is gone."""
+    from onnxruntime.quantization.calibrate import (CalibrationMethod, MinMaxCalibrater,
+                                                    save_tensors_data)
+
+    from mobile_sd.utils.env import release_freed_memory
+
+    if config.calibrate_method != CalibrationMethod.MinMax:
+        raise ExportError(f"w8a16 calibration supports MinMax, not {config.calibrate_method}")
+    extra = config.extra_options or {}
+    calibrator = MinMaxCalibrater(
+        prepared, config.op_types_to_quantize, str(work / "augmented.onnx"),
+        use_external_data_format=config.use_external_data_format,
+        symmetric=extra.get("CalibTensorRangeSymmetric", False),
+        moving_average=extra.get("CalibMovingAverage", False),
+        averaging_constant=extra.get("CalibMovingAverageConstant", 0.01),
+        max_intermediate_outputs=extra.get("CalibMaxIntermediateOutputs"))
+    calibrator.augment_graph()
+    calibrator.model = None          # saved to augmented.onnx; MinMax ranges need only the session
+    release_freed_memory()
+    calibrator.infer_session = _lean_session(calibrator.augmented_model_path)
+    # Without the arena, each run's activations go back to the heap; trimming it between
+    # samples hands them to the OS (the UNet's RSS otherwise crept up ~0.5 GB per sample).
+    calibrator.collect_data(make_reader(samples, between=release_freed_memory))
+    ranges = calibrator.compute_data()
+    del calibrator
+    release_freed_memory()
+    cache = work / "calibration.json"
+    save_tensors_data(ranges, cache)
+    for p in work.glob("*"):
+        if p.is_file() and p.name not in ("prepared.onnx", "prepared.onnx.data", cache.name):
+            p.unlink()                   # the augmented graph and its external data
+    return cache
+
+
+def _quantize_with_ranges(prepared: Path, out: Path, config, cache: Path) -> None:
+    """``quantize_static`` with the config ``get_qnn_qdq_config`` made and the cached ranges."""
+    from onnxruntime.quantization import quantize_static
+
+    quantize_static(str(prepared), str(out), None, calibrate_method=config.calibrate_method,
+                    quant_format=config.quant_format, activation_type=config.activation_type,
+                    weight_type=config.weight_type,
+                    op_types_to_quantize=config.op_types_to_quantize,
+                    nodes_to_quantize=config.nodes_to_quantize,
+                    nodes_to_exclude=config.nodes_to_exclude, per_channel=config.per_channel,
+                    reduce_range=config.reduce_range,
+                    use_external_data_format=config.use_external_data_format,
+                    calibration_providers=config.calibration_providers,
+                    extra_options=config.extra_options, calibration_cache_path=str(cache))
+
+
 def quantize_w8a16(model, out: str | Path, calibration: Iterable[Mapping[str, np.ndarray]], *,
                    per_channel: bool = False, mask_floor: float | None = MASK_FLOOR,
                    overwrite: bool = False) -> dict:
@@ -205,7 +307,7 @@ def quantize_w8a16(model, out: str | Path, calibration: Iterable[Mapping[str, np
     sample/timestep/encoder_hidden_states at several steps and prompts). ``per_channel`` quantizes
     Conv weights per channel (int8 symmetric); off by default: it also gives LayerNormalization
     scales a per-channel axis, which sends those nodes to the CPU. Returns a manifest dict."""
-    from onnxruntime.quantization import QuantType, quantize
+    from onnxruntime.quantization import QuantType
     from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
 
     import onnx
@@ -213,20 +315,17 @@ def quantize_w8a16(model, out: str | Path, calibration: Iterable[Mapping[str, np
     out = Path(out)
     if out.exists() and not overwrite:
         raise OutputDirError(f"{out} exists; pass overwrite=True to replace it")
-    src = _load(model)
-    if _opset(src) < 21:
+    header = model if isinstance(model, onnx.ModelProto) else _load_header(model)
+    if _opset(header) < 21:
         raise ExportError(f"w8a16 needs ONNX opset >= 21 for 16-bit QuantizeLinear (the model has "
-                          f"opset {_opset(src)}): export with torch.onnx.export(..., "
+                          f"opset {_opset(header)}): export with torch.onnx.export(..., "
                           f"opset_version=21)")
-    samples = check_calibration(src, calibration)
-    prepared, report = prepare_for_htp(src, mask_floor=mask_floor)
-    external = _model_bytes(prepared) > _EXTERNAL_DATA_BYTES
+    samples = check_calibration(header, calibration)
+    del header
     tmp = temp_dir_beside(out)
     try:
         prep_path = tmp / "prepared.onnx"
-        onnx.save_model(prepared, str(prep_path), save_as_external_data=external,
-                        location="prepared.onnx.data" if external else None)
-        del prepared
+        external, report = _write_prepared(model, mask_floor, prep_path)
         weight_type = QuantType.QInt8 if per_channel else QuantType.QUInt8
         level = logging.getLogger().level
         logging.getLogger().setLevel(logging.ERROR)     # ORT's quantizer warns per tensor
@@ -235,9 +334,10 @@ def quantize_w8a16(model, out: str | Path, calibration: Iterable[Mapping[str, np
                                         activation_type=QuantType.QUInt16,
                                         weight_type=weight_type, per_channel=per_channel)
             config.use_external_data_format = external
+            cache = _calibrate(prep_path, config, samples, tmp)
             staged = tmp / "staged"
             staged.mkdir()
-            quantize(str(prep_path), str(staged / out.name), config)
+            _quantize_with_ranges(prep_path, staged / out.name, config, cache)
         finally:
             logging.getLogger().setLevel(level)
         written = sorted(staged.iterdir())

@@ -99,3 +99,30 @@ def test_quantize_writes_qdq(tmp_path):
     zps = {init.name: init.data_type for init in model.graph.initializer
            if init.name.endswith("zero_point")}
     assert onnx.TensorProto.UINT16 in zps.values() and onnx.TensorProto.UINT8 in zps.values()
+
+
+def test_split_calibration_gives_what_one_shot_quantize_gives(tmp_path):
+    """quantize_w8a16 calibrates first and quantizes from ORT's range cache (one model copy
+    in memory at a time); the QDQ model must equal ORT's one-shot ``quantize`` with the same
+    config on the same prepared model: every initializer (weights, scales, zero points)."""
+    import onnx
+    from onnx import numpy_helper
+    from onnxruntime.quantization import QuantType, quantize
+    from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
+
+    from mobile_sd.export.qnn.quantize import make_reader
+
+    path = component("clip")[0]
+    ours = tmp_path / "ours.onnx"
+    quantize_w8a16(path, ours, calibration("clip"))
+    prepared, _ = prepare_for_htp(path)
+    onnx.save_model(prepared, str(tmp_path / "prepared.onnx"))
+    config = get_qnn_qdq_config(str(tmp_path / "prepared.onnx"), make_reader(calibration("clip")),
+                                activation_type=QuantType.QUInt16, weight_type=QuantType.QUInt8)
+    quantize(str(tmp_path / "prepared.onnx"), str(tmp_path / "one_shot.onnx"), config)
+
+    def initializers(p):
+        return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(p)).graph.initializer}
+    a, b = initializers(ours), initializers(tmp_path / "one_shot.onnx")
+    assert a.keys() == b.keys() and len(a) > 50
+    assert all(np.array_equal(a[k], b[k]) for k in a)
