@@ -76,27 +76,58 @@ def time_call(fn: Callable[[], object], warmup: int = 1, iters: int = 3) -> dict
             "cpu_median_s": statistics.median(cpu), "iters": iters}
 
 
-def timed_export(recipe: Path, spec: str, out: Path, extra_args: Sequence[str] = ()) -> dict:
+def timed_export(recipe: Path, spec: str, out: Path, extra_args: Sequence[str] = (),
+                 reuse: bool = False) -> dict:
     """``mobile-sd export`` in its own process under ``/usr/bin/time -v`` (Debian's ``time``):
-    wall and CPU seconds, peak RSS, the machine's load average around it, and the manifest."""
+    wall and CPU seconds, peak RSS, the machine's load average around it, and the manifest.
+
+    ``reuse``: when ``out`` holds a finished export whose log (``<out>.export.log``, written by
+    an earlier run of the same command) ends with time's report, read the figures from that
+    log instead of exporting again (the load averages were not logged: None)."""
     import os
-    import re
     import subprocess
 
     cmd = ["/usr/bin/time", "-v", str(ROOT / ".venv" / "bin" / "mobile-sd"), "export",
            "--recipe", str(recipe), "--spec", spec, "--out", str(out), "--force", *extra_args]
+    # stderr (progress, then time's report) goes to a log beside the output, readable while a
+    # full-size export runs for minutes.
+    log = out.with_name(out.name + ".export.log")
+    if reuse and (out / "manifest.json").is_file() and log.is_file():
+        logged = _time_report(log.read_text(errors="replace"), " ".join(cmd[2:]))
+        if logged is not None:
+            return {**logged, "load_before": None, "load_after": None, "reused_log": True,
+                    "command": logged["command"].replace(str(ROOT) + "/", ""),
+                    "manifest": json.loads((out / "manifest.json").read_text())}
     load_before = os.getloadavg()[0]
+    log.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    with open(log, "w") as err:
+        proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True, cwd=ROOT,
+                              env={**os.environ, "PYTHONWARNINGS": "ignore"})
     wall = time.perf_counter() - start
+    stderr = log.read_text(errors="replace")
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
-    cpu = sum(float(x) for x in re.findall(r"(?:User|System) time \(seconds\): ([\d.]+)",
-                                           proc.stderr))
-    return {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
-            "peak_rss_gb": round(peak_kb / 2**20, 2), "load_before": round(load_before, 1),
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{stderr[-3000:]}")
+    report = _time_report(stderr, " ".join(cmd[2:]))
+    return {"wall_s": round(wall, 1), "cpu_s": report["cpu_s"],
+            "peak_rss_gb": report["peak_rss_gb"], "load_before": round(load_before, 1),
             "load_after": round(os.getloadavg()[0], 1),
             "command": " ".join(cmd[2:]).replace(str(ROOT) + "/", ""),
             "manifest": json.loads((out / "manifest.json").read_text())}
+
+
+def _time_report(text: str, command: str) -> dict | None:
+    """Figures of GNU time's ``-v`` report in ``text`` for ``command`` (None if absent, for
+    another command, or not a clean exit)."""
+    import re
+
+    timed = re.search(r'Command being timed: "(.*)"', text)
+    status = re.search(r"Exit status: (\d+)", text)
+    if timed is None or timed.group(1) != command or status is None or status.group(1) != "0":
+        return None
+    h_m_s = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", text)
+    wall = sum(float(x) * 60 ** i for i, x in enumerate(reversed(h_m_s.group(1).split(":"))))
+    peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", text).group(1))
+    cpu = sum(float(x) for x in re.findall(r"(?:User|System) time \(seconds\): ([\d.]+)", text))
+    return {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
+            "peak_rss_gb": round(peak_kb / 2**20, 2), "command": timed.group(1)}

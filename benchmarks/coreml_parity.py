@@ -8,11 +8,12 @@ Usage (full size: one job at a time on the shared machine, never beside another 
 
 Bundles: the ``make export-ios`` bundle (ios-snapfusion-fast: 6-bit UNet and text encoder,
 fp16 decoder) and its fp16 variant (same recipe, no palettes), exported into ``--work`` when
-missing. For each: ``run_parity`` as typed (components, end to end, the Swift app emulated on
-the bundle) in its own process under ``/usr/bin/time -v`` (total wall time, peak RSS), the
-components again fp32-widened (``coreml_mode="fp32"``), and one UNet call on the MIL runtime vs
-the eager fp32 UNet. Bars: whole check of the 6-bit bundle <= 15 min and <= 12 GB; MIL UNet
-call <= 3x eager fp32. Writes ``<results>/coreml_parity.{json,md}``.
+missing (``rm -r artifacts/ios`` to re-export it, as ``make export-ios`` does). For each:
+``mobile-sd parity`` exactly as ``make parity`` runs it (components, end to end, the Swift app
+emulated on the bundle; default prompts) in its own process under ``/usr/bin/time -v`` (wall
+time, peak RSS), the components again fp32-widened (``--coreml-mode fp32``), and one UNet call
+on the MIL runtime vs the eager fp32 UNet. Bars: whole check of the 6-bit bundle <= 15 min and
+<= 12 GB; MIL UNet call <= 3x eager fp32. Writes ``<results>/coreml_parity.{json,md}``.
 """
 from __future__ import annotations
 
@@ -78,25 +79,13 @@ def ensure_bundle(folder: Path, recipe: Path, args) -> None:
 
 
 def child(args) -> None:
-    """One measurement in this process (its peak RSS is the parent's measurement)."""
+    """The UNet timing in its own process (its peak RSS is not the check's)."""
     import torch
 
     from mobile_sd.models.zoo import build_model
-    from mobile_sd.parity.run import ParityOptions, run_parity
 
     torch.set_num_threads(args.threads)
-    model = build_model(args.spec)
-    folder = Path(args.child_folder)
-    if args.child == "timing":
-        print(json.dumps(unet_timing(folder, model)))
-        return
-    widened = args.child == "widened"
-    options = ParityOptions(prompts=tuple(args.prompts), e2e=not widened, locate=not widened,
-                            coreml_mode="fp32" if widened else "typed",
-                            num_threads=args.threads)
-    report = run_parity(folder, model, options, Path(args.child_out))
-    print(json.dumps({"report": str(Path(args.child_out) / "parity.json"),
-                      "status": report["summary"]["status"]}))
+    print(json.dumps(unet_timing(Path(args.child_folder), build_model(args.spec))))
 
 
 def unet_timing(folder: Path, model) -> dict:
@@ -119,13 +108,23 @@ def unet_timing(folder: Path, model) -> dict:
     return {"mil_s": mil["median_s"], "eager_s": ref["median_s"]}
 
 
+def parity_cmd(folder: Path, out: Path, spec: str, *extra: str) -> list[str]:
+    """``mobile-sd parity`` as ``make parity`` runs it on the iOS bundle (default prompts,
+    threads, gates), its report written to ``out``."""
+    return ["/usr/bin/time", "-v", sys.executable, "-m", "mobile_sd", "parity", str(folder),
+            "--spec", spec, "--fail-on-skip", "--quiet", "--out", str(out), *extra]
+
+
 def check_bundle(name: str, folder: Path, args) -> tuple[list[dict], dict]:
     out = Path(args.work) / "reports" / name
-    base = [__file__, "--spec", args.spec, "--threads", str(args.threads), "--prompts",
-            *args.prompts, "--child-folder", str(folder)]
-    _, wall, rss = _run_timed(_python(*base, "--child", "typed", "--child-out", str(out / "typed")))
-    _run_timed(_python(*base, "--child", "widened", "--child-out", str(out / "widened")))
-    timing_out, _, _ = _run_timed(_python(*base, "--child", "timing"))
+    # The whole check, exactly as `make parity` runs it: components, end to end, Swift app.
+    _, wall, rss = _run_timed(parity_cmd(folder, out / "typed", args.spec))
+    # The same components fp32-widened: what fp16 storage costs (no e2e, no locator).
+    _run_timed(parity_cmd(folder, out / "widened", args.spec, "--coreml-mode", "fp32",
+                          "--no-e2e", "--no-locate"))
+    timing_out, _, _ = _run_timed(_python(__file__, "--spec", args.spec, "--threads",
+                                          str(args.threads), "--child", "timing",
+                                          "--child-folder", str(folder)))
     timing = json.loads(timing_out.strip().splitlines()[-1])
     typed = json.loads((out / "typed" / "parity.json").read_text())
     wide = json.loads((out / "widened" / "parity.json").read_text())
@@ -148,8 +147,10 @@ def check_bundle(name: str, folder: Path, args) -> tuple[list[dict], dict]:
         rows.append({"bundle": name, "component": label, "status": part.get("status"),
                      "typed_psnr_db": part.get("min_psnr_db"), "ssim": part.get("min_ssim"),
                      "gate_db": part.get("gate_min_psnr_db"), "note": part.get("reason")})
-    total = {"bundle": name, "component": "whole check", "status": typed["summary"]["status"],
-             "seconds": round(wall, 1), "peak_rss_gb": round(rss, 2)}
+    total = {"bundle": name, "component": "whole check (make parity)",
+             "status": typed["summary"]["status"], "seconds": round(wall, 1),
+             "peak_rss_gb": round(rss, 2), "note": f"{len(typed['settings']['prompts'])} "
+             f"prompts x {typed['settings']['steps']} steps"}
     return rows + [total], {"check_s": wall, "peak_rss_gb": rss,
                             "unet_ratio": timing["mil_s"] / timing["eager_s"]}
 
@@ -163,11 +164,9 @@ def main() -> None:
     p.add_argument("--fp16", type=Path, default=None, help="its fp16 variant (default: --work)")
     p.add_argument("--work", type=Path, default=ROOT / "artifacts" / "coreml-parity")
     p.add_argument("--results", type=Path, default=None, help="default: benchmarks/results")
-    p.add_argument("--prompts", nargs="+", default=["a photo of a cat"])
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--child", choices=["typed", "widened", "timing"], help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=["timing"], help=argparse.SUPPRESS)
     p.add_argument("--child-folder", help=argparse.SUPPRESS)
-    p.add_argument("--child-out", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         return child(args)
