@@ -7,9 +7,11 @@ Usage: ``python benchmarks/qnn_export.py [--spec snapfusion] [--latent-size N] [
 Each export is ``mobile-sd export`` in its own process under ``/usr/bin/time -v`` (Debian's
 ``time``), one at a time: wall time and peak RSS of what a user runs. Default SoC SM8650;
 ``--all-socs`` adds SM8550 and SM8750. Bar: the full-size w8a16 export of all three components
-<= 20 min and <= 12 GB. ``--parity``: one timed call per component in the HTP emulator (the time
-is written down: ~10-40 s/GMAC, tens of minutes for a full-size UNet), then ``mobile-sd parity``
-per component (no end-to-end run) when one call took <= ``--parity-max-call-s``.
+<= 20 min and <= 12 GB. ``--parity``: one timed call per component of ``--emulate`` in the HTP
+emulator and its PSNR vs the fp32 original on the same inputs (about a second per GMAC: ~10 min
+for a full-size w8a16 UNet call), then ``mobile-sd parity`` per component (no end-to-end run)
+when that call took <= ``--parity-max-call-s``. ``--reuse`` reads an export's figures from its
+complete log instead of exporting again; rows merge into the results file by precision + SoC.
 The machine is shared: the load average around each run is recorded.
 """
 from __future__ import annotations
@@ -40,36 +42,51 @@ def _env() -> dict:
     return {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
 
 
-def timed_export(recipe: str, soc: str, spec: str, out: Path, latent: int | None) -> dict:
+def timed_export(recipe: str, soc: str, spec: str, out: Path, latent: int | None,
+                 reuse: bool = False) -> dict:
     """``mobile-sd export --soc`` under ``/usr/bin/time -v`` (``_common.timed_export``)."""
     extra = ["--soc", soc] + (["--latent-size", str(latent)] if latent else [])
-    return _common.timed_export(ROOT / "export_recipes" / f"{recipe}.yaml", spec, out, extra)
+    return _common.timed_export(ROOT / "export_recipes" / f"{recipe}.yaml", spec, out, extra,
+                                reuse=reuse)
 
 
-def one_call_seconds(folder: Path, name: str) -> float:
-    """Seconds of one emulator call of ``name`` (after its session is open), one thread."""
+def one_call(folder: Path, name: str, spec: str) -> dict:
+    """One emulator call of ``name`` (timed after its session is open, one thread) and its
+    output's PSNR vs the fp32 original on the same inputs (the component's seeded example
+    inputs; for a UNet the CFG batch): the full-size figure when parity's 8 steps do not fit."""
     import torch
 
     from mobile_sd.manifest import load_manifest
+    from mobile_sd.metrics import psnr_db
+    from mobile_sd.models.zoo import build_model
+    from mobile_sd.parity import eager
     from mobile_sd.runtimes.component import open_component
 
     torch.set_num_threads(1)
     manifest = load_manifest(folder)
+    model = eager.at_latent_size(build_model(spec), int(manifest.pipeline["latent_size"]))
+    original = eager.original_component(model, manifest, name)
+    inputs = original.example_inputs(0)
+    with torch.no_grad():
+        expected = original.module(*inputs)
+    expected = expected[0] if isinstance(expected, (tuple, list)) else expected
+    del model, original
     runner = open_component(folder, manifest, name, num_threads=1)
-    gen = torch.Generator().manual_seed(0)
-    inputs = [torch.randint(0, 1000, s.shape, generator=gen) if s.dtype.startswith("int")
-              else torch.rand(s.shape, generator=gen) * 999 if s.name == "timestep"
-              else torch.randn(s.shape, generator=gen) for s in runner.inputs]
     start = time.perf_counter()
-    runner(*inputs)
-    return round(time.perf_counter() - start, 2)
+    got = runner(*inputs)[0]
+    seconds = round(time.perf_counter() - start, 2)
+    return {f"{name}_call_s": seconds, f"{name}_call_psnr_db": round(psnr_db(expected, got), 1)}
+
+
+PROMPT = "a photo of a cat"
 
 
 def parity_psnr(folder: Path, spec: str, name: str, out: Path) -> float | None:
-    """fp32-tier worst PSNR of one component from ``mobile-sd parity`` (1 random input)."""
+    """fp32-tier worst PSNR of one component from ``mobile-sd parity`` on the real pipeline
+    inputs of one prompt (its every recorded call of the component, no random inputs)."""
     subprocess.run(_mobile_sd("parity", str(folder), "--spec", spec, "--quiet", "--no-e2e",
-                              "--no-locate", "--random-inputs", "1", "--threads", "1",
-                              "--components", name, "--out", str(out)),
+                              "--no-locate", "--random-inputs", "0", "--prompts", PROMPT,
+                              "--threads", "1", "--components", name, "--out", str(out)),
                    capture_output=True, text=True, cwd=ROOT, env=_env())
     report = out / "parity.json"
     if not report.is_file():
@@ -77,6 +94,44 @@ def parity_psnr(folder: Path, spec: str, name: str, out: Path) -> float | None:
     comp = json.loads(report.read_text())["components"].get(name, {})
     worst = comp.get("tiers", {}).get("fp32", {}).get("worst") or {}
     return round(worst["psnr_db"], 1) if "psnr_db" in worst else None
+
+
+def batch1_gmacs(spec: str) -> dict[str, float] | None:
+    """Counted GMACs per batch-1 call (benchmarks/results/model_zoo.json), if measured."""
+    path = RESULTS / "model_zoo.json"
+    if not path.is_file():
+        return None
+    rows = json.loads(path.read_text())["rows"]
+    found = {r["component"]: r["gmacs"] for r in rows if r["spec"] == spec}
+    return found if set(found) >= set(COMPONENTS) else None
+
+
+def emulate(row: dict, folder: Path, args) -> None:
+    """One timed emulator call per component, then its parity, smallest component first.
+
+    At full size a UNet or decoder call is hundreds of GMACs: from the seconds per GMAC of the
+    last component measured, a call predicted over ``--max-call-s`` is not run and its
+    prediction is written down instead (``*_call_note``), never reported as a measurement;
+    ``mobile-sd parity`` (every recorded call of one prompt: 8 UNet calls) runs only after a
+    call of at most ``--parity-max-call-s``."""
+    gmacs = batch1_gmacs(args.spec)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    rate = None
+    for name in args.emulate:
+        batch = manifest["components"][name]["inputs"][0]["shape"][0]
+        work = gmacs[name] * batch if gmacs else None
+        if rate is not None and work is not None and rate * work > args.max_call_s:
+            row[f"{name}_call_note"] = (f"not run: {work:.0f} GMAC per call, ~{rate * work / 60:.0f}"
+                                        f" min predicted at the measured {rate:.2f} s/GMAC")
+            continue
+        row.update(one_call(folder, name, args.spec))
+        if work:
+            rate = row[f"{name}_call_s"] / work
+            row[f"{name}_s_per_gmac"] = round(rate, 2)
+        print(json.dumps({k: row[k] for k in row if k.startswith(name)}), flush=True)
+        if row[f"{name}_call_s"] <= args.parity_max_call_s:
+            row[f"{name}_psnr_db"] = parity_psnr(folder, args.spec, name,
+                                                 folder.parent / f"{folder.name}-parity-{name}")
 
 
 def summarize(precision: str, soc: str, run: dict, full_size: bool = True) -> dict:
@@ -101,7 +156,9 @@ COLUMNS = [("precision", "precision"), ("soc", "SoC"), ("wall_s", "wall s"), ("c
            ("decoder_mb", "decoder MB"), ("unet_s", "UNet export s"),
            ("unet_htp_nodes", "UNet HTP nodes"),
            *((f"{n}_call_s", f"{n} emulator call s") for n in COMPONENTS),
-           *((f"{n}_psnr_db", f"{n} PSNR dB") for n in COMPONENTS),
+           *((f"{n}_call_psnr_db", f"{n} PSNR dB (that call)") for n in COMPONENTS),
+           *((f"{n}_psnr_db", f"{n} PSNR dB (parity)") for n in COMPONENTS),
+           *((f"{n}_s_per_gmac", f"{n} emulator s/GMAC") for n in COMPONENTS),
            ("load_before", "load before"), ("load_after", "load after")]
 
 
@@ -116,10 +173,29 @@ def write(rows: list[dict], args, results: Path) -> Path:
         data, COLUMNS, f"QNN HTP context-binary export, {args.spec}{size} (seeded random weights)",
         ["Sizes: the EPContext wrapper .onnx + the QNN context binary per component.",
          "Emulator call s: one call in QAIRT 2.51's x86_64 HTP emulator (onnxruntime-qnn 2.7.0), "
-         "not a device latency; PSNR: `mobile-sd parity` fp32 tier, 1 random input, no e2e.",
+         "not a device latency; PSNR (that call): its output vs the fp32 original on the same "
+         "seeded example inputs; PSNR (parity): `mobile-sd parity` fp32 tier (worst call) on the "
+         f"recorded pipeline inputs of one prompt ({PROMPT!r}), no e2e, run when one call "
+         "took <= --parity-max-call-s.",
+         *(f"{r['precision']} {r['soc']} {n}: {r[f'{n}_call_note']}" for r in rows
+           for n in COMPONENTS if r.get(f"{n}_call_note")),
          "Bar applies to the full-size w8a16 export of all three components.",
+         *(f"{r['precision']} {r['soc']}: export figures read from its own `/usr/bin/time -v` "
+           "log (`--reuse`; load average not logged)" for r in rows if r.get("reused_log")),
          "Commands: " + "; ".join(f"`{r['command']}`" for r in rows)]))
     return path
+
+
+def _merged(rows: list[dict], results: Path) -> list[dict]:
+    """Earlier rows of the same results file, updated by this run's (same precision + SoC):
+    emulator calls can be measured in a later run than the export."""
+    path = results / "qnn_export.json"
+    old = json.loads(path.read_text())["rows"] if path.is_file() else []
+    merged = {(r["precision"], r["soc"]): r for r in old}
+    for r in rows:
+        key = (r["precision"], r["soc"])
+        merged[key] = {**merged.get(key, {}), **r}
+    return list(merged.values())
 
 
 def main() -> None:
@@ -129,7 +205,14 @@ def main() -> None:
     p.add_argument("--precisions", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     p.add_argument("--all-socs", action="store_true", help="SM8550, SM8650 and SM8750")
     p.add_argument("--parity", action="store_true", help="emulator call time + parity")
-    p.add_argument("--parity-max-call-s", type=float, default=120.0)
+    p.add_argument("--parity-max-call-s", type=float, default=120.0,
+                   help="run mobile-sd parity on a component whose one call took at most this")
+    p.add_argument("--max-call-s", type=float, default=1800.0,
+                   help="skip a call predicted to take longer (the prediction is written down)")
+    p.add_argument("--emulate", nargs="+", default=["text_encoder"], choices=COMPONENTS,
+                   help="components timed (and checked) in the emulator with --parity")
+    p.add_argument("--reuse", action="store_true", help="an export whose log is complete is "
+                   "read from that log instead of exported again")
     p.add_argument("--results", type=Path, default=RESULTS)
     p.add_argument("--work", type=Path, default=ROOT / "artifacts" / "qnn")
     args = p.parse_args()
@@ -139,17 +222,13 @@ def main() -> None:
             out = args.work / f"{precision}-{soc.lower()}"
             full = args.latent_size is None and not args.spec.endswith("-tiny")
             row = summarize(precision, soc, timed_export(RECIPES[precision], soc, args.spec, out,
-                                                         args.latent_size), full)
+                                                         args.latent_size, args.reuse), full)
             row.update(date=datetime.now(timezone.utc).isoformat(timespec="seconds"))
             if args.parity:
-                for name in COMPONENTS:
-                    row[f"{name}_call_s"] = one_call_seconds(out, name)
-                    if row[f"{name}_call_s"] <= args.parity_max_call_s:
-                        row[f"{name}_psnr_db"] = parity_psnr(out, args.spec, name,
-                                                             out.parent / f"{out.name}-parity-{name}")
+                emulate(row, out, args)
             rows.append(row)
             print(json.dumps(row), flush=True)
-            write(rows, args, args.results)   # after each run: a later failure keeps the rows
+            write(_merged(rows, args.results), args, args.results)   # a later failure keeps them
 
 
 if __name__ == "__main__":
