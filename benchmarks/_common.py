@@ -93,8 +93,9 @@ def timed_export(recipe: Path, spec: str, out: Path, extra_args: Sequence[str] =
     # full-size export runs for minutes.
     log = out.with_name(out.name + ".export.log")
     if reuse and (out / "manifest.json").is_file() and log.is_file():
-        logged = _time_report(log.read_text(errors="replace"), " ".join(cmd[2:]))
+        logged = _clean_run_of(log.read_text(errors="replace"), " ".join(cmd[2:]))
         if logged is not None:
+            logged.pop("exit_status")
             return {**logged, "load_before": None, "load_after": None, "reused_log": True,
                     "command": logged["command"].replace(str(ROOT) + "/", ""),
                     "manifest": json.loads((out / "manifest.json").read_text())}
@@ -108,7 +109,7 @@ def timed_export(recipe: Path, spec: str, out: Path, extra_args: Sequence[str] =
     stderr = log.read_text(errors="replace")
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{stderr[-3000:]}")
-    report = _time_report(stderr, " ".join(cmd[2:]))
+    report = time_report(stderr)
     return {"wall_s": round(wall, 1), "cpu_s": report["cpu_s"],
             "peak_rss_gb": report["peak_rss_gb"], "load_before": round(load_before, 1),
             "load_after": round(os.getloadavg()[0], 1),
@@ -116,18 +117,26 @@ def timed_export(recipe: Path, spec: str, out: Path, extra_args: Sequence[str] =
             "manifest": json.loads((out / "manifest.json").read_text())}
 
 
-def _time_report(text: str, command: str) -> dict | None:
-    """Figures of GNU time's ``-v`` report in ``text`` for ``command`` (None if absent, for
-    another command, or not a clean exit)."""
+def time_report(text: str) -> dict | None:
+    """GNU time's ``-v`` report in ``text`` (a command's captured stderr): wall and CPU
+    seconds, peak RSS, the command timed and its exit status; None when there is none."""
     import re
 
     timed = re.search(r'Command being timed: "(.*)"', text)
     status = re.search(r"Exit status: (\d+)", text)
-    if timed is None or timed.group(1) != command or status is None or status.group(1) != "0":
+    if timed is None or status is None:
         return None
     h_m_s = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", text)
     wall = sum(float(x) * 60 ** i for i, x in enumerate(reversed(h_m_s.group(1).split(":"))))
     peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", text).group(1))
     cpu = sum(float(x) for x in re.findall(r"(?:User|System) time \(seconds\): ([\d.]+)", text))
     return {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
-            "peak_rss_gb": round(peak_kb / 2**20, 2), "command": timed.group(1)}
+            "peak_rss_gb": round(peak_kb / 2**20, 2), "command": timed.group(1),
+            "exit_status": int(status.group(1))}
+
+
+def _clean_run_of(text: str, command: str) -> dict | None:
+    """The time report in ``text`` if it is of ``command`` and that command exited 0."""
+    report = time_report(text)
+    ok = report is not None and report["command"] == command and report["exit_status"] == 0
+    return report if ok else None

@@ -20,14 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import _common
-from _common import ROOT, write_results
+from _common import ROOT, time_report, write_results
 
 RECIPE = ROOT / "export_recipes" / "ios-snapfusion-fast.yaml"
 BARS = {"check_minutes": 15.0, "peak_rss_gb": 12.0, "unet_vs_eager": 3.0}
@@ -63,8 +62,7 @@ def _run_timed(cmd: list[str]) -> tuple[str, float, float]:
     wall = time.perf_counter() - start
     if proc.returncode not in (0, 1):       # 1: a gate failed, still a result
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
-    return proc.stdout, wall, peak_kb / 2**20
+    return proc.stdout, wall, time_report(proc.stderr)["peak_rss_gb"]
 
 
 def ensure_bundle(folder: Path, recipe: Path, args) -> None:

@@ -18,13 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import time
 from pathlib import Path
 
 import _common  # noqa: F401  (sets sys.path)
-from _common import ROOT, write_results
+from _common import ROOT, time_report, write_results
 
 RECIPES = {"ios": "export_recipes/ios-snapfusion-fast.yaml",
            "android": "export_recipes/android-snapfusion-xnnpack-fp32.yaml"}
@@ -55,12 +54,8 @@ def export(src: Path, kind: str, out: Path) -> Path:
 
 
 def measured(report: Path) -> dict:
-    text = report.read_text()
-    h, m, s = re.search(r"Elapsed \(wall clock\) time.*: (?:(\d+):)?(\d+):([\d.]+)", text).groups()
-    cpu = sum(float(x) for x in re.findall(r"(?:User|System) time \(seconds\): ([\d.]+)", text))
-    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", text).group(1))
-    return {"wall_s": round(int(h or 0) * 3600 + int(m) * 60 + float(s), 1),
-            "cpu_s": round(cpu, 1), "peak_rss_gb": round(rss / 2**20, 2)}
+    found = time_report(report.read_text())
+    return {k: found[k] for k in ("wall_s", "cpu_s", "peak_rss_gb")}
 
 
 def _strip(value):

@@ -187,14 +187,15 @@ def write(rows: list[dict], args, results: Path) -> Path:
 
 
 def _merged(rows: list[dict], results: Path) -> list[dict]:
-    """Earlier rows of the same results file, updated by this run's (same precision + SoC):
-    emulator calls can be measured in a later run than the export."""
+    """Earlier rows of the same results file, with this run's rows (same precision + SoC):
+    merged into the earlier row when this run reused that export (emulator calls measured in a
+    later run than the export), replacing it when this run exported again."""
     path = results / "qnn_export.json"
     old = json.loads(path.read_text())["rows"] if path.is_file() else []
     merged = {(r["precision"], r["soc"]): r for r in old}
     for r in rows:
         key = (r["precision"], r["soc"])
-        merged[key] = {**merged.get(key, {}), **r}
+        merged[key] = {**merged.get(key, {}), **r} if r.get("reused_log") else r
     return list(merged.values())
 
 
