@@ -109,7 +109,9 @@ def test_palettize_tensor_all_nbits_and_dtypes(nbits, dtype):
     deq = p.dequantized()
     assert deq.dtype == dtype and deq.shape == w.shape
     assert p.snr_db == pytest.approx(weight_snr_db(w, deq), abs=1e-4)
-    assert np.unique(deq).size <= 1 << nbits
+    # Distinct values counted by a Python set: numpy's AVX512-FP16 sort (used by np.unique on
+    # float16) returned unsorted, duplicated values on a Sapphire Rapids CI machine.
+    assert len(set(deq.ravel().tolist())) <= 1 << nbits
 
 
 def test_more_bits_give_higher_snr():

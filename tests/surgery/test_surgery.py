@@ -281,7 +281,10 @@ def test_cfg_fold_matches_two_calls(unet, unet_inputs, scale, timestep):
         eps_c = unet(sample, timestep, cond).sample
         expected = eps_u + scale.reshape(-1, 1, 1, 1) * (eps_c - eps_u)
         out = folded(sample, timestep, cond, uncond, scale)
-    assert max_err(out, expected) <= TOL
+    # out = (1 - s) * eps_u + s * eps_c: each call's fp32 rounding (batch 2 vs batch 1 takes
+    # other GEMM kernels on some CPUs) is amplified by |1 - s| + |s|.
+    gain = float(((1 - scale).abs() + scale.abs()).max())
+    assert max_err(out, expected) <= TOL * gain
 
 
 def test_cfg_fold_composes_on_efficient_unet(efficient_unet, unet_inputs):
