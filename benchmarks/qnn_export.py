@@ -32,6 +32,7 @@ RECIPES = {"fp16": "android-snapfusion-qnn-fp16", "w8a16": "android-snapfusion-q
 SOCS = ("SM8550", "SM8650", "SM8750")
 BAR_SECONDS, BAR_RSS_GB = 1200, 12.0
 COMPONENTS = ("text_encoder", "unet", "decoder")
+PROMPT = "a photo of a cat"   # parity's recorded pipeline inputs: one prompt
 
 
 def _mobile_sd(*args: str) -> list[str]:
@@ -76,9 +77,6 @@ def one_call(folder: Path, name: str, spec: str) -> dict:
     got = runner(*inputs)[0]
     seconds = round(time.perf_counter() - start, 2)
     return {f"{name}_call_s": seconds, f"{name}_call_psnr_db": round(psnr_db(expected, got), 1)}
-
-
-PROMPT = "a photo of a cat"
 
 
 def parity_psnr(folder: Path, spec: str, name: str, out: Path) -> float | None:
